@@ -1,0 +1,226 @@
+"""Typed configuration schemas.
+
+Every YAML option file starts from one of these dataclasses (its defaults list names
+``/schema/<group>/<schema>@_here_``), so a misspelt key or a value of the wrong type fails
+when Hydra composes the configuration, naming the key. :func:`register_configs` stores them
+in Hydra's ConfigStore; the CLI calls it once before composing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+def config_dir() -> str:
+    """The folder holding ``train.yaml``: ``ncsn/configs`` in a built wheel, the
+    repository's top-level ``configs/`` in an editable install."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "configs", package.parent / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"ncsn's configs/ folder was not found next to {package}; "
+                            f"reinstall the package with pip install -e .")
+
+
+# ----------------------------------------------------------------------------- datasets
+@dataclass
+class ToyDataConfig:
+    name: str = MISSING
+    n_samples: int = 10_000          # training points, drawn once
+    n_test: int = 2_000              # held-out points for the test loss
+    seed: int = 0                    # seed of the draw (the test split uses seed + 1)
+
+
+@dataclass
+class SwissRollConfig(ToyDataConfig):
+    noise: float = 1.0               # scikit-learn's noise, before the division by 10
+
+
+@dataclass
+class MoonsConfig(ToyDataConfig):
+    noise: float = 0.05
+
+
+@dataclass
+class EightGaussiansConfig(ToyDataConfig):
+    radius: float = 2.0
+    std: float = 0.1
+
+
+@dataclass
+class CheckerboardConfig(ToyDataConfig):
+    size: float = 4.0
+
+
+@dataclass
+class GaussianMixtureConfig(ToyDataConfig):
+    means: List[List[float]] = field(default_factory=lambda: [[-5.0, -5.0], [5.0, 5.0]])
+    weights: List[float] = field(default_factory=lambda: [0.2, 0.8])
+    std: float = 1.0
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    hidden: int = 128
+    n_layers: int = 3
+    activation: str = "softplus"
+
+
+@dataclass
+class ConditionalMLPConfig(MLPConfig):
+    name: str = "cond_mlp"
+    embedding: str = "log_sigma"     # multiplicative | log_sigma
+    embedding_dim: int = 32
+    scale_by_sigma: bool = False
+
+
+# ----------------------------------------------------------------------------- noise
+@dataclass
+class NoiseConfig:
+    name: str = "geometric"
+    sigma_begin: Any = 1.0           # a float, or "auto": the largest pairwise data distance
+    sigma_end: float = 0.01
+    num_scales: Any = 10             # an int, or "auto": NCSNv2's gamma rule
+    n_subsample: int = 2000          # points used to measure the largest pairwise distance
+
+
+# ----------------------------------------------------------------------------- losses
+@dataclass
+class AnnealDSMConfig:
+    name: str = "anneal_dsm"
+    anneal_power: float = 2.0
+
+
+@dataclass
+class DSMConfig:
+    name: str = "dsm"
+    sigma: Optional[float] = None    # null: the noise table's smallest sigma
+
+
+@dataclass
+class SSMConfig:
+    name: str = "ssm"
+    n_projections: int = 1
+    projection: str = "gaussian"     # gaussian | rademacher
+    variance_reduction: bool = False
+    annealed: bool = False           # perturb with the sigma table and condition the network
+    anneal_power: float = 2.0
+
+
+@dataclass
+class ExactSMConfig:
+    name: str = "exact_sm"
+    max_dim: int = 1024              # refuse data of more dimensions (one backward per dimension)
+    annealed: bool = False
+    anneal_power: float = 2.0
+
+
+# ----------------------------------------------------------------------------- samplers
+@dataclass
+class SamplerInitConfig:
+    init: str = "gaussian"           # gaussian | uniform: the chain's starting points
+    init_std: Optional[float] = None # gaussian: null means sigma_begin
+    init_low: float = -1.0           # uniform range
+    init_high: float = 1.0
+
+
+@dataclass
+class LangevinConfig(SamplerInitConfig):
+    name: str = "langevin"
+    step_size: float = 1e-4
+    n_steps: int = 1000
+    sigma: Optional[float] = None    # the sigma given to a conditional network; null: sigma_end
+
+
+@dataclass
+class AnnealedLangevinConfig(SamplerInitConfig):
+    name: str = "annealed_langevin"
+    step_lr: float = 2e-5
+    n_steps_each: int = 100
+    denoise: bool = True
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    grad_clip: Optional[float] = None    # max gradient norm; null: no clipping
+    warmup: int = 0                      # linear learning-rate warm-up steps
+    schedule: str = "constant"           # constant | cosine (decay to 0 at trainer.n_steps)
+
+
+@dataclass
+class TrainerConfig:
+    n_steps: int = 5000
+    batch_size: int = 128                # the global batch
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    ema: bool = True
+    ema_rate: float = 0.999
+    ckpt_every: int = 1000
+    keep_last: int = 3                   # step checkpoints kept besides last.pt
+    resume: bool = False
+    log_every: int = 50
+    sample_every: int = 0                # pictures and test loss every N steps; 0: at the end only
+    n_plot_samples: int = 1000
+    plot_sigma_index: int = -1           # which sigma the score-field picture shows
+    progress: bool = True                # tqdm bar (quiet anyway when stderr is not a terminal)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    dataset: Any = MISSING
+    model: Any = MISSING
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: Any = MISSING
+    sampler: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = MISSING                  # a checkpoint written by ncsn-train
+    out: str = MISSING                   # output folder
+    n_samples: int = 1000
+    batch_size: Optional[int] = None     # null: all at once
+    seed: int = 0
+    use_ema: bool = True
+    device: str = "auto"
+    save_trajectory: bool = False
+    sampler: Any = MISSING
+
+
+SCHEMAS = {
+    "dataset": {"swiss_roll": SwissRollConfig, "moons": MoonsConfig,
+                "eight_gaussians": EightGaussiansConfig, "checkerboard": CheckerboardConfig,
+                "gaussian_mixture": GaussianMixtureConfig},
+    "model": {"mlp": MLPConfig, "cond_mlp": ConditionalMLPConfig},
+    "noise": {"geometric": NoiseConfig},
+    "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,
+             "exact_sm": ExactSMConfig},
+    "sampler": {"langevin": LangevinConfig, "annealed_langevin": AnnealedLangevinConfig},
+    "optim": {"adam": OptimConfig},
+    "trainer": {"default": TrainerConfig},
+}
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (``schema/<group>/<name>``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,149 @@
+"""Score-matching objectives.
+
+Every objective takes a score function and a batch ``x`` of shape ``(B, ...)`` and returns
+the mean over the batch of a per-sample value that sums over data dimensions
+(``reduction="none"`` returns the per-sample values, shape ``(B,)``).
+
+A score function is any callable ``score_fn(x) -> s`` with ``s.shape == x.shape``; a
+noise-conditional network is called as ``net(x, sigma)`` with ``sigma`` of shape ``(B,)``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ScoreFn = Callable[[Tensor], Tensor]
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "none":
+        return per_sample
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _flat_dim(x: Tensor) -> int:
+    return x[0].numel()
+
+
+def score_matching(score_fn: ScoreFn, x: Tensor, max_dim: int = 1024,
+                   reduction: str = "mean") -> Tensor:
+    """Exact score matching (Hyvarinen 2005, eq. 4): E[ tr(grad_x s(x)) + 1/2 ||s(x)||^2 ].
+
+    The trace needs one backward pass per data dimension, so the cost grows with d; above
+    ``max_dim`` dimensions this refuses instead of running for hours.
+    """
+    d = _flat_dim(x)
+    if d > max_dim:
+        raise ValueError(
+            f"exact score matching needs {d} backward passes per step for {d}-dimensional "
+            f"data (loss.max_dim={max_dim}); use loss=ssm, loss=ssm_vr or loss=anneal_dsm, "
+            f"or raise loss.max_dim if you really mean it")
+    x = x.detach().requires_grad_(True)
+    s = score_fn(x).flatten(1)                                   # (B, d)
+    trace = torch.zeros(x.shape[0], device=x.device, dtype=s.dtype)
+    for i in range(d):
+        # d/dx_i of s_i for every sample at once: samples do not interact in the network.
+        grad_i = torch.autograd.grad(s[:, i].sum(), x, create_graph=True)[0].flatten(1)
+        trace = trace + grad_i[:, i]
+    per_sample = trace + 0.5 * s.pow(2).sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+def _projections(shape: tuple[int, ...], kind: str, like: Tensor) -> Tensor:
+    """Random projection vectors v with E[v v^T] = I (not normalised to the sphere)."""
+    if kind == "gaussian":
+        return torch.randn(shape, device=like.device, dtype=like.dtype)
+    if kind == "rademacher":
+        return torch.randint(0, 2, shape, device=like.device).to(like.dtype) * 2 - 1
+    raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {kind!r}")
+
+
+def sliced_score_matching(score_fn: ScoreFn, x: Tensor, n_projections: int = 1,
+                          projection: str = "gaussian", variance_reduction: bool = False,
+                          reduction: str = "mean") -> Tensor:
+    """Sliced score matching (Song, Garg, Shi & Ermon 2019, eq. 7):
+    E_v E_x[ v^T (grad_x s) v + 1/2 (v^T s)^2 ], with E[v v^T] = I.
+
+    With ``variance_reduction=True`` (SSM-VR, eq. 8) the second term is 1/2 ||s||^2, its
+    expectation over v. Each projection costs one vector-Jacobian product.
+    """
+    x = x.detach().requires_grad_(True)
+    s = score_fn(x)                                              # (B, ...)
+    per_sample = torch.zeros(x.shape[0], device=x.device, dtype=s.dtype)
+    for _ in range(n_projections):
+        v = _projections(tuple(x.shape), projection, s)
+        v_dot_s = (v * s).flatten(1).sum(dim=1)                  # (B,)
+        # (v^T grad_x s) by one vector-Jacobian product, then dotted with v again.
+        vjp = torch.autograd.grad(v_dot_s.sum(), x, create_graph=True)[0]
+        per_sample = per_sample + (vjp * v).flatten(1).sum(dim=1)
+        if not variance_reduction:
+            per_sample = per_sample + 0.5 * v_dot_s.pow(2)
+    per_sample = per_sample / n_projections
+    if variance_reduction:
+        per_sample = per_sample + 0.5 * s.flatten(1).pow(2).sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+def denoising_score_matching(score_fn: ScoreFn, x: Tensor, sigma: float | Tensor,
+                             reduction: str = "mean") -> Tensor:
+    """Denoising score matching (Vincent 2011): with x_tilde = x + sigma z, z ~ N(0, I),
+    1/2 E|| s(x_tilde) + (x_tilde - x) / sigma^2 ||^2.
+
+    ``sigma`` is a float or a tensor broadcastable to ``x`` (one value per sample).
+    """
+    x_tilde = x + sigma * torch.randn_like(x)
+    target = -(x_tilde - x) / sigma ** 2                          # grad log q_sigma(x_tilde | x)
+    per_sample = 0.5 * (score_fn(x_tilde) - target).flatten(1).pow(2).sum(dim=1)
+    return _reduce(per_sample, reduction)
+
+
+def _draw_labels(x: Tensor, sigmas: Tensor, labels: Tensor | None) -> Tensor:
+    if labels is None:
+        labels = torch.randint(0, len(sigmas), (x.shape[0],), device=x.device)
+    return labels
+
+
+def _per_sample_sigma(x: Tensor, sigmas: Tensor, labels: Tensor) -> Tensor:
+    return sigmas.to(x.device, x.dtype)[labels]                   # (B,)
+
+
+def _broadcast(sigma: Tensor, x: Tensor) -> Tensor:
+    return sigma.view(-1, *([1] * (x.dim() - 1)))                 # (B, 1, ..., 1)
+
+
+def anneal_dsm(net: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor,
+               anneal_power: float = 2.0, labels: Tensor | None = None,
+               reduction: str = "mean") -> Tensor:
+    """Annealed denoising score matching (NCSN, eq. 5-6):
+    (1/L) sum_i lambda(sigma_i) l(sigma_i) with lambda(sigma) = sigma^anneal_power.
+
+    Each sample's sigma is drawn uniformly from the table (or given by ``labels``, indices
+    into ``sigmas``); the network is called as ``net(x_tilde, sigma)``.
+    """
+    labels = _draw_labels(x, sigmas, labels)
+    sigma = _per_sample_sigma(x, sigmas, labels)
+    sigma_b = _broadcast(sigma, x)
+    per_sample = denoising_score_matching(lambda y: net(y, sigma), x, sigma_b, reduction="none")
+    return _reduce(per_sample * sigma ** anneal_power, reduction)
+
+
+def annealed(objective: Callable[..., Tensor], net: Callable[[Tensor, Tensor], Tensor],
+             x: Tensor, sigmas: Tensor, anneal_power: float = 2.0,
+             labels: Tensor | None = None, reduction: str = "mean", **kwargs) -> Tensor:
+    """Any score-matching objective, annealed over a sigma table with a noise-conditional
+    network, as the original NCSN did with sliced score matching: perturb each sample with
+    its own sigma, match the score of the perturbed data q_sigma with ``net(., sigma)``,
+    and weight by sigma^anneal_power.
+
+    ``objective`` is :func:`score_matching` or :func:`sliced_score_matching`; ``kwargs``
+    go to it.
+    """
+    labels = _draw_labels(x, sigmas, labels)
+    sigma = _per_sample_sigma(x, sigmas, labels)
+    x_tilde = x + _broadcast(sigma, x) * torch.randn_like(x)
+    per_sample = objective(lambda y: net(y, sigma), x_tilde, reduction="none", **kwargs)
+    return _reduce(per_sample * sigma ** anneal_power, reduction)
