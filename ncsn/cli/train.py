@@ -1,0 +1,29 @@
+"""ncsn-train: compose the config, train, nothing else."""
+from __future__ import annotations
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ncsn.cli.common import check_keys, run_cli
+from ncsn.config import config_dir, register_configs
+
+register_configs()
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from ncsn.train import train
+
+    def job():
+        check_keys(cfg)
+        return train(cfg, HydraConfig.get().runtime.output_dir)
+    run_cli("ncsn-train", job)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""The training loop: a step, checkpoint and resume, logging, pictures.
+
+``train(cfg, run_dir)`` runs a whole training job from a composed config (see
+``ncsn.config.TrainConfig``); the CLI ``ncsn-train`` is a thin wrapper around it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from ncsn import registry, viz
+from ncsn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ncsn.data import Data, first_tensor, infinite_batches
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN or infinite; the message names the step and sigma."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint was written before stopping."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
+                         f"checkpoint saved to {path}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise registry.ConfigError(f"trainer.device={name} but no CUDA device is available; "
+                                   f"use trainer.device=cpu or auto")
+    return torch.device(name)
+
+
+def to_plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+@dataclass
+class Run:
+    """Everything one training job holds."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    data: Data
+    sigmas: Tensor
+    net: nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    objective: registry.Objective
+    sampler: registry.Sampler
+    data_generator: torch.Generator
+    step: int = 0
+    stop_signal: int | None = None
+    writer: SummaryWriter | None = field(default=None, repr=False)
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The EMA weights when kept (samples use them), the raw weights otherwise."""
+        return self.ema.module if self.ema is not None else self.net
+
+
+def build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None = None) -> Run:
+    """Build data, sigma table, network, EMA, optimizer, objective and sampler from ``cfg``."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    data = registry.build_data(cfg.dataset)
+    sigmas = sigmas if sigmas is not None else registry.build_sigmas(cfg.noise, data)
+    registry.check_sampler(cfg.sampler, cfg.model)
+    net = registry.build_model(cfg.model, data.shape, sigmas).to(device)
+    ema = None
+    if cfg.trainer.ema:
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_rate),
+                            use_buffers=True)
+    o = cfg.optim
+    optimizer = torch.optim.Adam(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+    return Run(cfg=cfg, run_dir=Path(run_dir), device=device, data=data, sigmas=sigmas, net=net,
+               ema=ema, optimizer=optimizer,
+               objective=registry.build_objective(cfg.loss, cfg.model, sigmas),
+               sampler=registry.build_sampler(cfg.sampler, sigmas),
+               data_generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def learning_rate(step: int, optim_cfg, n_steps: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to zero."""
+    lr = optim_cfg.lr
+    if optim_cfg.warmup > 0 and step < optim_cfg.warmup:
+        return lr * (step + 1) / optim_cfg.warmup
+    if optim_cfg.schedule == "cosine":
+        progress = (step - optim_cfg.warmup) / max(1, n_steps - optim_cfg.warmup)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if optim_cfg.schedule != "constant":
+        raise registry.ConfigError(f"optim.schedule must be 'constant' or 'cosine', "
+                                   f"got {optim_cfg.schedule!r}")
+    return lr
+
+
+# ----------------------------------------------------------------------------- one step
+@dataclass
+class StepStats:
+    loss: float
+    per_sample: Tensor
+    labels: Tensor | None
+    grad_norm: float
+    lr: float
+
+
+def _check_finite(run: Run, per_sample: Tensor, labels: Tensor | None) -> None:
+    bad = ~torch.isfinite(per_sample)
+    if not bad.any():
+        return
+    where = ""
+    if labels is not None:
+        bad_sigmas = sorted({float(s) for s in run.sigmas[labels[bad].cpu()]}, reverse=True)
+        where = " at sigma " + ", ".join(f"{s:.4g}" for s in bad_sigmas[:5])
+        where += " ..." if len(bad_sigmas) > 5 else ""
+    raise NonFiniteLossError(
+        f"loss became {per_sample[bad][0].item()} at step {run.step + 1}{where}; the last good "
+        f"checkpoint is {run.run_dir / 'checkpoints' / 'last.pt'}; try a lower optim.lr or "
+        f"optim.grad_clip=1.0")
+
+
+def train_step(run: Run, x: Tensor) -> StepStats:
+    """One optimisation step on batch ``x``: loss, finiteness check, backward, clip, Adam, EMA."""
+    lr = learning_rate(run.step, run.cfg.optim, run.cfg.trainer.n_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    per_sample, labels = run.objective(run.net, x)
+    _check_finite(run, per_sample.detach(), labels)
+    loss = per_sample.mean()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.net.parameters(), max_norm))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"gradient norm became {grad_norm} at step {run.step + 1} (loss {loss.item():.4g}); "
+            f"the last good checkpoint is {run.run_dir / 'checkpoints' / 'last.pt'}; try "
+            f"optim.grad_clip=1.0 or a lower optim.lr")
+    run.optimizer.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.net)
+    run.step += 1
+    return StepStats(loss.item(), per_sample.detach(), labels, grad_norm, lr)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def state_dict(run: Run) -> dict:
+    """The run as a checkpoint: tensors, numbers, strings and the config as a plain dict."""
+    rng = {"torch": torch.get_rng_state(), "data": run.data_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"step": run.step, "config": to_plain(run.cfg), "sigmas": run.sigmas.cpu(),
+            "data_shape": list(run.data.shape), "model": run.net.state_dict(),
+            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "optimizer": run.optimizer.state_dict(), "rng": rng}
+
+
+def load_state(run: Run, ckpt: dict) -> None:
+    run.net.load_state_dict(ckpt["model"])
+    if run.ema is not None and ckpt.get("ema") is not None:
+        run.ema.load_state_dict(ckpt["ema"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    run.data_generator.set_state(ckpt["rng"]["data"])
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    run.step = ckpt["step"]
+
+
+def save(run: Run) -> Path:
+    path = save_checkpoint(state_dict(run), run.run_dir / "checkpoints", run.cfg.trainer.keep_last)
+    log.info("step %d: checkpoint %s", run.step, path)
+    return path
+
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"trainer.resume=true but there is no {path}; pass "
+                              f"hydra.run.dir=<the run to resume>")
+    ckpt = load_checkpoint(path)
+    for group in ("dataset", "model", "noise", "loss"):
+        if ckpt["config"].get(group) != to_plain(cfg[group]):
+            raise registry.ConfigError(
+                f"cannot resume {path}: its {group} config {ckpt['config'].get(group)} differs "
+                f"from this run's {to_plain(cfg[group])}; resume with the same {group} settings")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- logging
+class TrainLogger:
+    """TensorBoard scalars every ``log_every`` steps: loss, loss per noise level, gradient
+    norm, learning rate, steps per second."""
+
+    MAX_LEVEL_CURVES = 16
+
+    def __init__(self, run: Run):
+        self.run, self.every = run, max(1, run.cfg.trainer.log_every)
+        self.writer = run.writer
+        n = len(run.sigmas)
+        self.levels = sorted({round(i * (n - 1) / max(1, min(n, self.MAX_LEVEL_CURVES) - 1))
+                              for i in range(min(n, self.MAX_LEVEL_CURVES))})
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum, self.count, self.t0 = 0.0, 0, time.perf_counter()
+        self.level_sum = torch.zeros(len(self.run.sigmas), dtype=torch.float64)
+        self.level_count = torch.zeros(len(self.run.sigmas), dtype=torch.float64)
+
+    def update(self, stats: StepStats) -> None:
+        self.loss_sum += stats.loss
+        self.count += 1
+        if stats.labels is not None:
+            labels = stats.labels.cpu()
+            self.level_sum.index_add_(0, labels, stats.per_sample.double().cpu())
+            self.level_count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        if self.run.step % self.every == 0:
+            self.flush(stats)
+
+    def flush(self, stats: StepStats) -> None:
+        step, w = self.run.step, self.writer
+        w.add_scalar("train/loss", self.loss_sum / self.count, step)
+        w.add_scalar("train/grad_norm", stats.grad_norm, step)
+        w.add_scalar("train/lr", stats.lr, step)
+        w.add_scalar("train/steps_per_sec", self.count / (time.perf_counter() - self.t0), step)
+        for i in self.levels:
+            if self.level_count[i] > 0:
+                w.add_scalar(f"loss_per_sigma/{i:04d}_sigma_{float(self.run.sigmas[i]):.3g}",
+                             self.level_sum[i] / self.level_count[i], step)
+        self._reset()
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_loss(run: Run, max_batches: int = 10) -> float | None:
+    """Mean objective on the held-out split with the sampling (EMA) weights."""
+    if run.data.test is None or len(run.data.test) == 0:
+        return None
+    loader = torch.utils.data.DataLoader(run.data.test, batch_size=run.cfg.trainer.batch_size)
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        x = first_tensor(batch).to(run.device)
+        # Sliced and exact score matching differentiate with respect to x: keep grad on.
+        with torch.enable_grad():
+            per_sample, _ = run.objective(run.sampling_net, x)
+        total, count = total + per_sample.detach().sum().item(), count + len(x)
+    return total / count
+
+
+def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 0):
+    """``n`` samples with the sampling (EMA) weights, from the configured sampler."""
+    g = torch.Generator().manual_seed(seed)
+    x = registry.initial_samples(run.cfg.sampler, n, run.data.shape, run.sigmas, run.device, g)
+    net = run.sampling_net.eval()
+    try:
+        return run.sampler(net, x, return_trajectory=return_trajectory)
+    finally:
+        net.train()
+
+
+@contextmanager
+def _isolated_rng(device: torch.device):
+    """Evaluation and pictures draw random numbers without disturbing training's stream,
+    so a run's weights do not depend on how often it draws pictures."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def report(run: Run) -> None:
+    """Test loss and pictures (2-D: score field, samples over data, trajectories; images: a
+    grid of samples), saved under ``pictures/`` and to TensorBoard."""
+    with _isolated_rng(run.device):
+        loss = test_loss(run)
+        if loss is not None:
+            run.writer.add_scalar("test/loss", loss, run.step)
+            log.info("step %d: test loss %.5g", run.step, loss)
+        n = run.cfg.trainer.n_plot_samples
+        if n <= 0:
+            return
+        samples, trajectory = draw_samples(run, n, return_trajectory=True)
+        samples = run.data.to_data_space(samples.cpu())
+        if run.data.kind == "points" and run.data.shape == (2,):
+            _report_points(run, samples, trajectory)
+        elif run.data.kind == "images":
+            grid_path = run.run_dir / "pictures" / f"samples_{run.step:08d}.png"
+            viz.save_grid(samples[:64], grid_path, nrow=8)
+            run.writer.add_image("samples", viz.image_grid(samples[:64], nrow=8), run.step)
+
+
+def _report_points(run: Run, samples: Tensor, trajectory: Tensor) -> None:
+    data = run.data.test.tensors[0] if run.data.test is not None else run.data.train.tensors[0]
+    sigma = float(run.sigmas[run.cfg.trainer.plot_sigma_index])
+    figures = {
+        "score_field": viz.score_field_figure(run.sampling_net, data, sigma, device=run.device),
+        "samples": viz.samples_figure(samples, data),
+        "trajectories": viz.trajectories_figure(trajectory, data),
+    }
+    for name, fig in figures.items():
+        run.writer.add_figure(f"pictures/{name}", fig, run.step, close=False)
+        viz.save_figure(fig, run.run_dir / "pictures" / f"{name}.png")
+
+
+# ----------------------------------------------------------------------------- the loop
+@contextmanager
+def _stop_on_signals(run: Run):
+    """SIGINT / SIGTERM ask the loop to checkpoint and stop after the current step; a second
+    SIGINT interrupts at once."""
+    def request_stop(signum, frame):
+        run.stop_signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> Path:
+    """Train from ``cfg`` into ``run_dir``; returns the path of the final checkpoint.
+
+    Raises :class:`TrainingInterrupted` after checkpointing on SIGINT/SIGTERM and
+    :class:`NonFiniteLossError` (leaving the last good checkpoint untouched) on a NaN loss.
+    """
+    run_dir = Path(run_dir)
+    ckpt = _resume_checkpoint(cfg, run_dir) if cfg.trainer.resume else None
+    run = build_run(cfg, run_dir, sigmas=ckpt["sigmas"] if ckpt else None)
+    if ckpt is not None:
+        load_state(run, ckpt)
+        log.info("resumed %s at step %d", run_dir / "checkpoints" / "last.pt", run.step)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("model %s: %s parameters; %d noise levels, sigma %.4g -> %.4g; device %s",
+             cfg.model.name, f"{_count_parameters(run.net):,}", len(run.sigmas),
+             float(run.sigmas[0]), float(run.sigmas[-1]), run.device)
+    run.writer = SummaryWriter(str(run_dir / "tb"))
+    try:
+        return _loop(run)
+    finally:
+        run.writer.close()
+
+
+def _loop(run: Run) -> Path:
+    t = run.cfg.trainer
+    logger = TrainLogger(run)
+    batches = infinite_batches(run.data.train, t.batch_size, run.data_generator,
+                               num_workers=run.cfg.dataset.get("num_workers", 0))
+    bar = tqdm(total=t.n_steps, initial=run.step, desc="train", dynamic_ncols=True,
+               disable=not (t.progress and sys.stderr.isatty()))
+    path = None
+    with _stop_on_signals(run), bar:
+        while run.step < t.n_steps:
+            stats = train_step(run, next(batches).to(run.device, non_blocking=True))
+            logger.update(stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+            if run.stop_signal is not None:
+                raise TrainingInterrupted(run.stop_signal, run.step, save(run))
+            if run.step % t.ckpt_every == 0 or run.step == t.n_steps:
+                path = save(run)
+            if t.sample_every > 0 and run.step % t.sample_every == 0 and run.step != t.n_steps:
+                report(run)
+    path = path or save(run)
+    report(run)
+    log.info("done: %d steps; final checkpoint %s", run.step, path.parent / "last.pt")
+    return path.parent / "last.pt"

@@ -1,0 +1,87 @@
+"""Pictures: score fields, samples over data and Langevin trajectories for 2-D runs, and
+image grids. Figures are matplotlib figures (saved as PNG and sent to TensorBoard)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+
+def _bounds(points: Tensor, margin: float = 0.15) -> tuple[float, float, float, float]:
+    lo, hi = points.min(0).values, points.max(0).values
+    pad = margin * (hi - lo)
+    return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
+
+
+@torch.no_grad()
+def score_field_figure(net, data: Tensor, sigma: float, grid_size: int = 24,
+                       n_data: int = 2000, device="cpu"):
+    """Arrows of s(x, sigma) on a grid over the data (2-D), the data as dots beneath."""
+    x0, x1, y0, y1 = _bounds(data)
+    xs, ys = torch.linspace(x0, x1, grid_size), torch.linspace(y0, y1, grid_size)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    sigma_b = torch.full((len(grid),), sigma)
+    score = net(grid.to(device), sigma_b.to(device)).cpu()
+    # Arrow lengths are normalised by the largest so that all noise levels read alike.
+    score = score / score.norm(dim=1).max().clamp_min(1e-12)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(*data[:n_data].T, s=2, alpha=0.3, color="tab:gray")
+    ax.quiver(grid[:, 0], grid[:, 1], score[:, 0], score[:, 1], color="tab:blue", width=0.003)
+    ax.set_title(f"learned score s(x, sigma={sigma:.3g})")
+    ax.set_aspect("equal")
+    return fig
+
+
+def samples_figure(samples: Tensor, data: Tensor, n: int = 2000):
+    """Samples (orange) over the data (gray)."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(*data[:n].T, s=2, alpha=0.4, color="tab:gray", label="data")
+    ax.scatter(*samples[:n].T, s=2, alpha=0.6, color="tab:orange", label="samples")
+    x0, x1, y0, y1 = _bounds(data)
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.legend(loc="upper right", markerscale=4)
+    ax.set_title(f"{min(n, len(samples))} samples over data")
+    ax.set_aspect("equal")
+    return fig
+
+
+def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 12):
+    """Paths of a few Langevin chains (trajectory: (K, B, 2)) over the data."""
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.scatter(*data[:2000].T, s=2, alpha=0.3, color="tab:gray")
+    for chain in range(min(n_chains, trajectory.shape[1])):
+        path = trajectory[:, chain]
+        ax.plot(path[:, 0], path[:, 1], lw=0.8, alpha=0.8)
+        ax.scatter(*path[-1], s=12, color="black", zorder=3)
+    x0, x1, y0, y1 = _bounds(torch.cat([data, trajectory[-1]]))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_title("Langevin trajectories (black: end)")
+    ax.set_aspect("equal")
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
+    """A (3, H, W) grid of images in [0, 1] (clamped), images: (B, C, h, w)."""
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    return make_grid(images.clamp(0, 1), nrow=nrow, padding=1)
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
+    """Save a grid of images in [0, 1] (values clamped at the end) as PNG."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    nrow = nrow or max(1, int(len(images) ** 0.5))
+    save_image(images.clamp(0, 1), path, nrow=nrow, padding=1)
