@@ -14,6 +14,8 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ncsn.data.images import IMAGE_DATASETS
+
 
 def config_dir() -> str:
     """The folder holding ``train.yaml``: ``ncsn/configs`` in a built wheel, the
@@ -205,7 +207,7 @@ class SampleConfig:
 SCHEMAS = {
     "dataset": {"swiss_roll": SwissRollConfig, "moons": MoonsConfig,
                 "eight_gaussians": EightGaussiansConfig, "checkerboard": CheckerboardConfig,
-                "gaussian_mixture": GaussianMixtureConfig},
+                "gaussian_mixture": GaussianMixtureConfig, **IMAGE_DATASETS},
     "model": {"mlp": MLPConfig, "cond_mlp": ConditionalMLPConfig},
     "noise": {"geometric": NoiseConfig},
     "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,

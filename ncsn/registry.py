@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ncsn import losses
 from ncsn.data import Data, build_toy_data, first_tensor
+from ncsn.data.images import IMAGE_DATASETS, build_image_data, image_config, model_space
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
 from ncsn.sampling import annealed_langevin, langevin
@@ -26,6 +27,11 @@ TOY_DATASETS = {"swiss_roll", "moons", "eight_gaussians", "checkerboard", "gauss
 def build_data(cfg) -> Data:
     if cfg.name in TOY_DATASETS:
         return build_toy_data(cfg)
+    if cfg.name in IMAGE_DATASETS:
+        try:
+            return build_image_data(cfg)
+        except (ValueError, ImportError) as err:
+            raise ConfigError(f"dataset={cfg.name}: {err}") from None
     raise ConfigError(f"unknown dataset {cfg.name!r}")
 
 
@@ -34,6 +40,8 @@ def data_space_map(cfg):
     loading the data (2-D points: the identity)."""
     if cfg.name in TOY_DATASETS:
         return lambda x: x
+    if cfg.name in IMAGE_DATASETS:
+        return model_space(image_config(cfg)).inverse
     raise ConfigError(f"unknown dataset {cfg.name!r}")
 
 

@@ -319,8 +319,8 @@ def _report_points(run: Run, samples: Tensor, trajectory: Tensor) -> None:
         "trajectories": viz.trajectories_figure(trajectory, data),
     }
     for name, fig in figures.items():
-        run.writer.add_figure(f"pictures/{name}", fig, run.step, close=False)
-        viz.save_figure(fig, run.run_dir / "pictures" / f"{name}.png")
+        pixels = viz.save_figure(fig, run.run_dir / "pictures" / f"{name}.png")
+        run.writer.add_image(f"pictures/{name}", pixels, run.step, dataformats="HWC")
 
 
 # ----------------------------------------------------------------------------- the loop

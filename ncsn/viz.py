@@ -8,7 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
@@ -68,10 +70,16 @@ def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 12):
     return fig
 
 
-def save_figure(fig, path: str | Path) -> None:
+def save_figure(fig, path: str | Path):
+    """Render ``fig`` once, save it as PNG and return the picture as a (H, W, 3) uint8 array
+    (for TensorBoard)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.set_dpi(100)
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
+    Image.fromarray(pixels).save(path)
+    return pixels
 
 
 def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:

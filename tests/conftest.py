@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from ncsn.config import config_dir, register_configs
+
+register_configs()
+# Tiny networks run faster on one thread than on two that contend.
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A few hundred steps of a small model: quick on a CPU, enough to learn something.
+TINY = ["trainer.n_steps=40", "trainer.ckpt_every=20", "trainer.batch_size=64",
+        "trainer.log_every=10", "trainer.n_plot_samples=0", "dataset.n_samples=512",
+        "dataset.n_test=128", "model.hidden=32", "model.n_layers=2",
+        "sampler.n_steps_each=5", "trainer.device=cpu"]
+
+
+def compose_train(overrides=()):
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_cli(command, *args, cwd=None, timeout=240, **popen):
+    """Run a console script of this environment; returns the CompletedProcess."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([str(BIN / command), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=env, **popen)
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

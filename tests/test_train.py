@@ -1,0 +1,156 @@
+"""The training loop: resume equality, checkpoints, NaN handling, objectives end to end."""
+import math
+import signal
+
+import pytest
+import torch
+
+from ncsn import train as training
+from ncsn.checkpoint import load_checkpoint
+from ncsn.registry import ConfigError
+from conftest import TINY, compose_train
+
+
+def weights(path):
+    ckpt = load_checkpoint(path)
+    return ckpt["model"], ckpt["ema"], ckpt["step"]
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = training.train(compose_train(TINY + ["trainer.n_steps=60"]), tmp_path / "a")
+    half = compose_train(TINY + ["trainer.n_steps=30"])
+    training.train(half, tmp_path / "b")
+    resumed = training.train(compose_train(TINY + ["trainer.n_steps=60", "trainer.resume=true"]),
+                             tmp_path / "b")
+    (model_a, ema_a, step_a), (model_b, ema_b, step_b) = weights(straight), weights(resumed)
+    assert step_a == step_b == 60
+    for key in model_a:
+        assert torch.equal(model_a[key], model_b[key]), key
+    for key in ema_a:
+        assert torch.equal(ema_a[key], ema_b[key]), key
+
+
+def test_run_interrupted_by_a_signal_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    # A cosine schedule and pictures in between: the resumed run must continue the same
+    # schedule, and drawing pictures must not disturb the training random stream.
+    extra = ["optim.schedule=cosine", "optim.warmup=5", "trainer.sample_every=15",
+             "trainer.n_plot_samples=32"]
+    straight = training.train(compose_train(TINY + extra), tmp_path / "a")
+    real = training.train_step
+
+    def signalled(run, x):
+        stats = real(run, x)
+        if run.step == 25:
+            run.stop_signal = signal.SIGTERM                      # as the handler would
+        return stats
+    monkeypatch.setattr(training, "train_step", signalled)
+    with pytest.raises(training.TrainingInterrupted) as stopped:
+        training.train(compose_train(TINY + extra), tmp_path / "b")
+    assert stopped.value.step == 25
+    monkeypatch.setattr(training, "train_step", real)
+    resumed = training.train(compose_train(TINY + extra + ["trainer.resume=true"]), tmp_path / "b")
+    for key, value in weights(straight)[0].items():
+        assert torch.equal(value, weights(resumed)[0][key]), key
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    training.train(compose_train(TINY + ["trainer.n_steps=20"]), tmp_path)
+    with pytest.raises(ConfigError, match="model"):
+        training.train(compose_train(TINY + ["trainer.resume=true", "model.hidden=16"]), tmp_path)
+
+
+def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
+    with pytest.raises(Exception, match="trainer.resume=true but there is no .*last.pt"):
+        training.train(compose_train(TINY + ["trainer.resume=true"]), tmp_path)
+
+
+def test_checkpoints_are_plain_and_only_the_last_k_are_kept(tmp_path):
+    training.train(compose_train(TINY + ["trainer.n_steps=100", "trainer.ckpt_every=10",
+                                         "trainer.keep_last=2"]), tmp_path)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["last.pt", "step_00000090.pt", "step_00000100.pt"]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 100 and ckpt["config"]["trainer"]["keep_last"] == 2
+    assert isinstance(ckpt["config"], dict) and ckpt["sigmas"].shape == (10,)
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_run_writes_tensorboard_and_2d_pictures(tmp_path):
+    training.train(compose_train(TINY + ["trainer.n_plot_samples=200"]), tmp_path)
+    for name in ("score_field", "samples", "trajectories"):
+        assert (tmp_path / "pictures" / f"{name}.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "train/steps_per_sec", "test/loss"):
+        assert tag in tags
+    assert sum(t.startswith("loss_per_sigma/") for t in tags) == 10
+    assert len(events.Scalars("train/loss")) == 4                 # every 10 of 40 steps
+
+
+def test_nan_loss_stops_with_step_and_sigma_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = compose_train(TINY)
+    real = training.train_step
+
+    def poisoned(run, x):
+        if run.step == 25:                                        # after the step-20 checkpoint
+            x = x.clone()
+            x[0, 0] = math.nan
+        return real(run, x)
+    monkeypatch.setattr(training, "train_step", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match=r"loss became nan at step 26 at sigma \d"):
+        training.train(cfg, tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 20
+
+
+def test_learning_rate_schedule():
+    cfg = compose_train(["optim.lr=1.0", "optim.warmup=10", "optim.schedule=cosine"]).optim
+    assert training.learning_rate(0, cfg, 110) == pytest.approx(0.1)
+    assert training.learning_rate(10, cfg, 110) == pytest.approx(1.0)
+    assert training.learning_rate(60, cfg, 110) == pytest.approx(0.5)
+    assert training.learning_rate(110, cfg, 110) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["loss=dsm", "model=mlp", "sampler=langevin"],
+    ["loss=ssm", "model=mlp", "sampler=langevin"],
+    ["loss=ssm_vr", "model=mlp", "sampler=langevin", "loss.projection=rademacher"],
+    ["loss=exact_sm", "model=mlp", "sampler=langevin"],
+    ["loss=ssm", "loss.annealed=true"],
+    ["loss=exact_sm", "loss.annealed=true"],
+    ["model.embedding=multiplicative", "model.scale_by_sigma=true"],
+])
+def test_every_objective_trains_and_lowers_its_loss(tmp_path, overrides):
+    base = [o for o in TINY if not o.startswith("sampler.")] if "sampler=langevin" in overrides else TINY
+    cfg = compose_train(base + overrides + ["trainer.n_steps=150", "optim.lr=3e-3",
+                                            "dataset=gaussian_mixture"])
+    run = training.build_run(cfg, tmp_path)
+    torch.manual_seed(0)
+    x = next(iter(torch.utils.data.DataLoader(run.data.test, batch_size=128)))[0]
+    before = torch.stack([run.objective(run.net, x)[0].mean().detach() for _ in range(8)]).mean()
+    training.train(cfg, tmp_path)
+    trained = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    run.net.load_state_dict(trained["model"])
+    after = torch.stack([run.objective(run.net, x)[0].mean().detach() for _ in range(8)]).mean()
+    assert after < before
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss=anneal_dsm", "model=mlp"], "needs a noise-conditional network"),
+    (["loss=ssm", "model=cond_mlp"], "use model=mlp, or loss.annealed=true"),
+    (["model=mlp", "loss=ssm", "sampler=annealed_langevin"], "use sampler=langevin"),
+    (["noise.num_scales=many"], "num_scales"),
+])
+def test_incompatible_parts_are_refused_before_training(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        training.build_run(compose_train(TINY + overrides), tmp_path)
+
+
+def test_auto_sigma_rules_measure_the_data(tmp_path):
+    run = training.build_run(compose_train(TINY + ["noise.sigma_begin=auto",
+                                                   "noise.num_scales=auto"]), tmp_path)
+    data = run.data.train.tensors[0].double()
+    assert run.sigmas[0].item() == pytest.approx(torch.cdist(data, data).max().item(), rel=1e-5)
+    from ncsn.noise import num_scales_for
+    assert len(run.sigmas) == num_scales_for(run.sigmas[0].item(), 0.01, 2)
