@@ -236,7 +236,8 @@ class RefineBlock(nn.Module):
                  act: nn.Module, pool: str, end: bool = False):
         super().__init__()
         if len(in_chs) == 1 and in_chs[0] != channels:
-            raise ValueError(f"a one-input RefineBlock keeps its width: got {in_chs[0]} -> {channels}")
+            raise ValueError(f"a one-input RefineBlock keeps its width, got {in_chs[0]} -> "
+                             f"{channels} channels")
         self.adapt = nn.ModuleList(ResidualConvUnit(c, 2, 2, norm, act) for c in in_chs)
         self.fuse = MultiResolutionFusion(in_chs, channels, norm) if len(in_chs) > 1 else None
         self.crp = ChainedResidualPooling(channels, 2, norm, act, pool)

@@ -22,14 +22,14 @@ from ncsn.nets.layers import (AttentionBlock, Downsample, GaussianFourierProject
 @dataclass
 class UNetConfig:
     name: str = "unet"
-    ch: int = 128                                            # width of the first level
-    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 2])  # width of each level / ch
-    num_res_blocks: int = 2                                  # residual blocks per level (down path)
-    attn_resolutions: List[int] = field(default_factory=lambda: [16])  # heights with self-attention
+    ch: int = 128                    # width of the first level
+    ch_mult: List[int] = field(default_factory=lambda: [1, 2, 2, 2])   # level widths / ch
+    num_res_blocks: int = 2          # residual blocks per level on the way down
+    attn_resolutions: List[int] = field(default_factory=lambda: [16])  # heights with attention
     dropout: float = 0.1
-    embedding: str = "fourier"                               # fourier | sinusoidal (of log sigma)
-    fourier_scale: float = 16.0                              # std of the Fourier frequencies (NCSN++)
-    scale_by_sigma: bool = True                              # divide the output by sigma (NCSNv2)
+    embedding: str = "fourier"       # fourier | sinusoidal, of log sigma
+    fourier_scale: float = 16.0      # std of the Fourier frequencies (NCSN++)
+    scale_by_sigma: bool = True      # divide the output by sigma (NCSNv2, Technique 3)
 
 
 class _Level(nn.Module):
@@ -96,7 +96,7 @@ class UNet(nn.Module):
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
         h = self._decode(h, skips, emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return out / sigma.to(out.dtype)[:, None, None, None] if self.scale_by_sigma else out * 1
+        return out / sigma.to(out.dtype)[:, None, None, None] if self.scale_by_sigma else out
 
     def _encode(self, h: Tensor, emb: Tensor) -> tuple[Tensor, List[Tensor]]:
         skips = [h]
