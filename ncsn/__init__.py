@@ -1,0 +1,25 @@
+"""ncsn: score-based generative models (NCSN, NCSNv2), score-matching objectives and
+Langevin samplers, usable from a notebook without Hydra.
+
+    import ncsn
+    sigmas = ncsn.geometric_sigmas(1.0, 0.01, 10)
+    loss = ncsn.anneal_dsm(net, x, sigmas)                 # net(x, sigma) -> score
+    x = ncsn.annealed_langevin(net, x0, sigmas, step_lr=2e-5, n_steps_each=100)
+"""
+from ncsn.data.toy import GaussianMixture, make_toy
+from ncsn.losses import (anneal_dsm, annealed, denoising_score_matching, score_matching,
+                         sliced_score_matching)
+from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
+from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
+from ncsn.sampling import annealed_langevin, langevin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianMixture", "make_toy",
+    "score_matching", "sliced_score_matching", "denoising_score_matching", "anneal_dsm",
+    "annealed",
+    "ScoreMLP", "ConditionalMLP",
+    "geometric_sigmas", "largest_pairwise_distance", "num_scales_for",
+    "langevin", "annealed_langevin",
+]

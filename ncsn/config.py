@@ -15,6 +15,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ncsn.data.images import IMAGE_DATASETS
+from ncsn.nets.ncsn import NCSNConfig
+from ncsn.nets.ncsnv2 import NCSNv2Config
+from ncsn.nets.unet import UNetConfig
 
 
 def config_dir() -> str:
@@ -193,14 +196,38 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
+    @dataclass
+    class Inpaint:
+        images: Optional[List[str]] = None   # image files or folders; null: the dataset's test split
+        n_images: int = 8                    # test-split images to complete (files: all of them)
+        n_completions: int = 4               # completions drawn for each image
+        mask: str = "half"                   # half (right half unknown) | center | random
+        fraction: Optional[float] = None     # center: unknown share of the area (null: 0.25);
+                                             # random: each pixel's chance to be unknown (null: 0.5)
+
+    @dataclass
+    class Interpolation:
+        n_rows: int = 8                      # independent interpolations, one row each
+        n_interpolations: int = 10           # samples per row, end points included
+        vary: str = "noise"                  # noise: one start, the Langevin noise interpolated
+                                             # (NCSNv2's repository) | init: the start interpolated,
+                                             # one noise | both
+
     ckpt: str = MISSING                  # a checkpoint written by ncsn-train
     out: str = MISSING                   # output folder
+    mode: str = "sample"                 # sample | inpaint | interpolate (the last two: images)
     n_samples: int = 1000
-    batch_size: Optional[int] = None     # null: all at once
+    batch_size: Optional[int] = None     # null: points all at once, images 100 at a time
     seed: int = 0
     use_ema: bool = True
     device: str = "auto"
-    save_trajectory: bool = False
+    save_as: str = "npz"                 # images: npz (shards/) | png (images/) | both | none
+    grid_size: int = 64                  # images: how many samples.png shows
+    save_trajectory: bool = False        # points: trajectory.png; images: trajectory.gif + .png
+    trajectory_chains: int = 16          # images: chains in the animation
+    trajectory_every: int = 1            # images: a frame every N noise levels
+    inpaint: Inpaint = field(default_factory=Inpaint)
+    interpolation: Interpolation = field(default_factory=Interpolation)
     sampler: Any = MISSING
 
 
@@ -208,7 +235,8 @@ SCHEMAS = {
     "dataset": {"swiss_roll": SwissRollConfig, "moons": MoonsConfig,
                 "eight_gaussians": EightGaussiansConfig, "checkerboard": CheckerboardConfig,
                 "gaussian_mixture": GaussianMixtureConfig, **IMAGE_DATASETS},
-    "model": {"mlp": MLPConfig, "cond_mlp": ConditionalMLPConfig},
+    "model": {"mlp": MLPConfig, "cond_mlp": ConditionalMLPConfig, "ncsn": NCSNConfig,
+              "ncsnv2": NCSNv2Config, "unet": UNetConfig},
     "noise": {"geometric": NoiseConfig},
     "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,
              "exact_sm": ExactSMConfig},

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from ncsn import losses
 from ncsn.data import Data, build_toy_data, first_tensor
 from ncsn.data.images import IMAGE_DATASETS, build_image_data, image_config, model_space
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
+from ncsn.nets.ncsn import NCSN
+from ncsn.nets.ncsnv2 import NCSNv2
+from ncsn.nets.unet import UNet
 from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
 from ncsn.sampling import annealed_langevin, langevin
 
@@ -79,8 +83,24 @@ def _cond_mlp(cfg, shape, sigmas):
                           cfg.embedding_dim, cfg.activation, cfg.scale_by_sigma)
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "cond_mlp": _cond_mlp}
-CONDITIONAL_MODELS = {"cond_mlp"}
+def _image_net(network: type[nn.Module]):
+    def build(cfg, shape, sigmas):
+        if len(shape) != 3:
+            raise ConfigError(f"model={cfg.name} takes images (C, H, W), but the data has shape "
+                              f"{tuple(shape)}; use model=cond_mlp for points")
+        fields = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
+        try:
+            return network(shape, sigmas, **fields)
+        except ValueError as err:
+            raise ConfigError(f"model={cfg.name}: {err}") from None
+    return build
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp, "cond_mlp": _cond_mlp,
+    "ncsn": _image_net(NCSN), "ncsnv2": _image_net(NCSNv2), "unet": _image_net(UNet),
+}
+CONDITIONAL_MODELS = {"cond_mlp", "ncsn", "ncsnv2", "unet"}
 
 
 def build_model(cfg, shape, sigmas: Tensor) -> nn.Module:

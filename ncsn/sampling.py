@@ -79,3 +79,19 @@ def annealed_langevin(net: ScoreNet, x: Tensor, sigmas: Tensor, step_lr: float,
         if return_trajectory:
             trajectory.append(x.cpu())
     return (x, torch.stack(trajectory)) if return_trajectory else x
+
+
+def ncsnv2_step_lr(sigmas: Tensor, n_steps_each: int) -> float:
+    """NCSNv2's rule for step_lr (Technique 4): the eps that brings
+
+        (1 - eps/s)^(2T) (gamma^2 - 2 eps / (s - s (1 - eps/s)^2)) + 2 eps / (s - s (1 - eps/s)^2)
+
+    closest to 1, with s = sigma_L^2, gamma = sigma_(i-1)/sigma_i, T = n_steps_each. With
+    a = eps/s the expression is (1 - a)^(2T) (gamma^2 - 2/(2 - a)) + 2/(2 - a), so the rule
+    fixes a and eps = a sigma_L^2. Searched on a fine logarithmic grid of a in (0, 1).
+    """
+    gamma = float(sigmas[0] / sigmas[1])
+    a = torch.logspace(-8, -1e-6, 200_001, dtype=torch.float64)
+    two_over = 2 / (2 - a)
+    value = (1 - a) ** (2 * n_steps_each) * (gamma ** 2 - two_over) + two_over
+    return float(a[(value - 1).abs().argmin()] * float(sigmas[-1]) ** 2)

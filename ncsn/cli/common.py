@@ -52,3 +52,29 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
         sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+
+
+def print_help(prog: str, config_name: str, summary: str, argv: list[str],
+               groups: tuple[str, ...] | None = None) -> None:
+    """``--help``: the config groups with their options (the user-facing ones, not the
+    schemas) and the config composed with the other arguments."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from ncsn.config import config_dir
+
+    root = Path(config_dir())
+    print(f"{prog}: {summary}\n\n== Config groups (group=option) ==")
+    for group in sorted(p for p in root.iterdir() if p.is_dir()):
+        if groups is not None and group.name not in groups:
+            continue
+        options = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
+        print(f"{group.name}: {options}")
+    overrides = [a for a in argv if a not in ("--help", "-h")]
+    with initialize_config_dir(str(root), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    print("\n== Config (override any key with key=value) ==")
+    print(OmegaConf.to_yaml(cfg))
+    print("--cfg job prints the config of a run; --hydra-help shows Hydra's own options.")

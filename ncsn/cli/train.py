@@ -1,11 +1,12 @@
 """ncsn-train: compose the config, train, nothing else."""
 from __future__ import annotations
 
+import sys
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import check_keys, run_cli
+from ncsn.cli.common import check_keys, print_help, run_cli
 from ncsn.config import config_dir, register_configs
 
 register_configs()
@@ -22,6 +23,9 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print_help("ncsn-train", "train", "train a score-based generative model. Example: ncsn-train experiment=swissroll", sys.argv[1:])
+        return
     _main()
 
 

@@ -65,7 +65,7 @@ def train_digits_classifier(seed: int = 0, epochs: int = 15, batch_size: int = 6
     """Train the classifier on the first 80% of the digits; ~3 CPU-seconds.
 
     Adam with a one-cycle learning-rate schedule (Smith & Topin 2019) and one-pixel shifts;
-    about 98% held-out accuracy. Deterministic for a given seed and thread count.
+    about 98% held-out accuracy. Runs on one thread, so it is deterministic for a seed.
     Returned in eval mode.
     """
     threads = torch.get_num_threads()

@@ -11,35 +11,42 @@ uncompressed NumPy archive with the arrays ``mu`` (D,) and ``sigma`` (D, D).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
-def _psd_sqrt(s: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric PSD matrix (D, D) by eigendecomposition.
+def _clamp(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues (D,) of a symmetric PSD matrix with round-off set to zero.
 
-    Round-off can leave tiny negative eigenvalues; they are clamped to zero.
+    Eigenvalues below D * eps * max|lambda| are indistinguishable from zero (the rank
+    threshold of ``np.linalg.matrix_rank``) and are set to zero: their square roots would
+    otherwise add sqrt(round-off) terms, which matters for rank-deficient covariances
+    (fewer samples than feature dimensions).
     """
-    s = (s + s.T) / 2
-    w, v = np.linalg.eigh(s)
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tol = len(w) * np.finfo(np.float64).eps * np.abs(w).max(initial=0.0)
+    return np.where(w > tol, w, 0.0)
+
+
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric PSD matrix (D, D)."""
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(_clamp(w))) @ v.T
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     """tr( (S_1 S_2)^{1/2} ) for symmetric PSD S_1, S_2 (D, D).
 
-    S_1 S_2 is similar to the symmetric PSD matrix M = S_1^{1/2} S_2 S_1^{1/2}
-    (conjugate by S_1^{1/2}), so both have the same non-negative eigenvalues and
-    tr (S_1 S_2)^{1/2} = sum_i sqrt(lambda_i(M)). Working with the symmetric M avoids the
-    complex round-off of a general (non-symmetric) matrix square root.
+    With R = S_1^{1/2}, S_1 S_2 = R (R S_2) has the eigenvalues of (R S_2) R = R S_2 R
+    (AB and BA share them), a symmetric PSD matrix, so tr (S_1 S_2)^{1/2} = sum_i
+    sqrt(lambda_i(R S_2 R)). Working with the symmetric matrix avoids the complex round-off
+    of a general matrix square root, and singular S_1 (fewer samples than dimensions) is fine.
     """
     root1 = _psd_sqrt(sigma1)
     m = root1 @ sigma2 @ root1
-    eig = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+    return float(np.sqrt(_clamp(np.linalg.eigvalsh((m + m.T) / 2))).sum())
 
 
 def frechet_distance(mu1: np.ndarray | Tensor, sigma1: np.ndarray | Tensor,
@@ -79,8 +86,8 @@ class FeatureStats:
     """
 
     n: int = 0
-    _mean: Tensor | None = None                                     # (D,) float64
-    _m2: Tensor | None = None                                       # (D, D) float64
+    _mean: Tensor | None = field(default=None, repr=False)          # (D,) float64
+    _m2: Tensor | None = field(default=None, repr=False)            # (D, D) float64
 
     def update(self, feats: Tensor) -> "FeatureStats":
         """Add a batch of features (B, D); returns self."""
@@ -97,7 +104,8 @@ class FeatureStats:
         n = self.n + nb
         delta = mean_b.to(self._mean.device) - self._mean
         self._mean = self._mean + delta * (nb / n)
-        self._m2 = self._m2 + m2_b.to(self._m2.device) + torch.outer(delta, delta) * (self.n * nb / n)
+        correction = torch.outer(delta, delta) * (self.n * nb / n)
+        self._m2 = self._m2 + m2_b.to(self._m2.device) + correction
         self.n = n
         return self
 

@@ -79,10 +79,12 @@ def kid(feats1: np.ndarray | Tensor, feats2: np.ndarray | Tensor, subsets: int =
     Unbiased, so it is centred on zero (and can be negative) for equal distributions.
     Computed in float64 on the device of ``feats1`` if it is a tensor.
     """
-    x, y = _as_f64(feats1), _as_f64(feats2).to(_as_f64(feats1).device)
+    x = _as_f64(feats1)
+    y = _as_f64(feats2).to(x.device)
     size = min(subset_size, x.shape[0], y.shape[0])
     if size < 2:
-        raise ValueError(f"KID needs at least two features per set, got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(f"KID needs at least two features per set, "
+                         f"got {x.shape[0]} and {y.shape[0]}")
     g = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(subsets):

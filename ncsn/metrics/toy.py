@@ -6,6 +6,7 @@ at every noise level (the ground truth of the NCSN paper's Figure 3).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -103,25 +104,36 @@ def score_error(net: ScoreNet, mixture: GaussianMixture, sigmas: Sequence[float]
                 n: int = 2000, seed: int = 0) -> dict[str, list[float]]:
     """Error of a score network against the exact score of the sigma-perturbed mixture.
 
-    For each sigma, draws x~ = x + sigma z with x ~ mixture (n points, seeded) and compares
-    net(x~, sigma) with grad log q_sigma(x~) (``mixture.score``):
+    For each sigma, draws n points x~ from q_sigma, the mixture convolved with
+    N(0, sigma^2 I) (seeded), and compares net(x~, sigma) with grad log q_sigma(x~)
+    (``mixture.score``):
 
         mse      = E || s_theta(x~, sigma) - grad log q_sigma(x~) ||^2   (the Fisher divergence)
         relative = mse / E || grad log q_sigma(x~) ||^2
 
     ``relative`` is scale-free (a zero network scores 1 at every sigma). ``net`` is called as
-    net(x, sigma) with x (n, d) float32 and sigma (n,); it is put in eval mode if it has one.
+    net(x, sigma) with x (n, d) float32 and sigma (n,), in eval mode (its mode is restored).
     Returns {"sigma": [...], "mse": [...], "relative": [...]}, one entry per noise level.
     """
-    device = _net_device(net)
-    if hasattr(net, "eval"):
+    was_training = getattr(net, "training", False)
+    if isinstance(net, torch.nn.Module):
         net.eval()
+    try:
+        return _score_error(net, mixture, sigmas, n, seed)
+    finally:
+        if isinstance(net, torch.nn.Module):
+            net.train(was_training)
+
+
+def _score_error(net: ScoreNet, mixture: GaussianMixture, sigmas: Sequence[float] | Tensor,
+                 n: int, seed: int) -> dict[str, list[float]]:
+    device = _net_device(net)
     sigma_list = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten()]
     out: dict[str, list[float]] = {"sigma": sigma_list, "mse": [], "relative": []}
     for i, sigma in enumerate(sigma_list):
-        g = torch.Generator().manual_seed(seed + 1_000_003 * (i + 1))
-        x = mixture.sample(n, seed=seed + i)
-        x_tilde = x + sigma * torch.randn(x.shape, generator=g)                 # (n, d)
+        # p convolved with N(0, sigma^2 I) is the same mixture with variance std^2 + sigma^2
+        perturbed = replace(mixture, std=(mixture.std ** 2 + sigma ** 2) ** 0.5)
+        x_tilde = perturbed.sample(n, seed=seed + i)                            # (n, d)
         target = mixture.score(x_tilde.double(), sigma)                          # (n, d) float64
         sigma_b = torch.full((n,), sigma, device=device)
         pred = net(x_tilde.to(device), sigma_b).double().cpu()
