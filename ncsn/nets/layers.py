@@ -23,16 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.nets.mlp import ACTIVATIONS, sinusoidal_embedding
+from ncsn.nets.mlp import make_activation, sinusoidal_embedding
 
 NormFactory = Callable[[int], nn.Module]   # number of channels -> a layer called as norm(x, idx)
-
-
-def make_activation(name: str) -> nn.Module:
-    """The activation module called ``name``, one of ``ACTIVATIONS``."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
-    return ACTIVATIONS[name]()
 
 
 def conv3x3(in_ch: int, out_ch: int, dilation: int = 1, bias: bool = True) -> nn.Conv2d:

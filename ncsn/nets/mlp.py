@@ -15,7 +15,8 @@ from ncsn.noise import sigma_index
 ACTIVATIONS = {"softplus": nn.Softplus, "silu": nn.SiLU, "elu": nn.ELU, "relu": nn.ReLU}
 
 
-def _activation(name: str) -> nn.Module:
+def make_activation(name: str) -> nn.Module:
+    """The activation module called ``name``, one of ``ACTIVATIONS``."""
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
     return ACTIVATIONS[name]()
@@ -33,7 +34,7 @@ class ScoreMLP(nn.Module):
         super().__init__()
         layers, width = [], dim
         for _ in range(n_layers):
-            layers += [nn.Linear(width, hidden), _activation(activation)]
+            layers += [nn.Linear(width, hidden), make_activation(activation)]
             width = hidden
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
@@ -71,7 +72,7 @@ class ConditionalMLP(nn.Module):
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone())
         widths = [dim] + [hidden] * n_layers
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.act = _activation(activation)
+        self.act = make_activation(activation)
         if embedding == "multiplicative":
             self.gammas = nn.ModuleList(nn.Embedding(len(sigmas), hidden) for _ in range(n_layers))
             for gamma in self.gammas:
