@@ -1,0 +1,61 @@
+"""ncsn-eval: compose the config, then score a checkpoint, samples on disk or a whole run, or
+compute reference statistics (``ncsn-eval stats dataset=NAME``); see :func:`ncsn.evaluate.run`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ncsn.cli.common import check_keys, print_help, run_cli
+from ncsn.config import config_dir, register_configs
+from ncsn.eval_config import register_eval_configs
+
+register_configs()
+register_eval_configs()
+
+SUMMARY = ("score samples and checkpoints (FID, IS, KID; digits and 2-D metrics) and compute "
+           "reference statistics. Examples: ncsn-eval ckpt=RUN/checkpoints/last.pt "
+           "metric=[fid,is]; ncsn-eval samples=DIR ref_stats=stats.npz; ncsn-eval run=RUN "
+           "n_samples=1000; ncsn-eval stats dataset=cifar10")
+
+
+def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict | None]:
+    """The sampler keys set on the command line, and the whole sampler config when
+    ``sampler=NAME`` picked another one (the checkpoint's own sampler is the default)."""
+    keys, replaced = {}, None
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "sampler":
+            replaced = OmegaConf.to_container(cfg.sampler)
+        elif key.startswith("sampler."):
+            keys[key[len("sampler."):]] = OmegaConf.select(cfg, key)
+    return keys, replaced
+
+
+@hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    from ncsn.evaluate import run
+    from ncsn.metrics import InceptionWeightsNotFound
+
+    def job():
+        check_keys(cfg)
+        keys, replaced = sampler_overrides(cfg, HydraConfig.get().overrides.task)
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir), keys, replaced)
+    run_cli("ncsn-eval", job, expected=(InceptionWeightsNotFound,))
+
+
+def main() -> None:
+    # `ncsn-eval stats ...` is the sub-command for reference statistics: mode=stats for Hydra
+    if len(sys.argv) > 1 and sys.argv[1] == "stats":
+        sys.argv[1] = "mode=stats"
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print_help("ncsn-eval", "eval", SUMMARY, sys.argv[1:], groups=("dataset", "sampler"))
+        return
+    _main()
+
+
+if __name__ == "__main__":
+    main()
