@@ -11,7 +11,8 @@ from ncsn.losses import (anneal_dsm, annealed, denoising_score_matching, score_m
                          sliced_score_matching)
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
-from ncsn.sampling import annealed_langevin, langevin
+from ncsn.image_sampling import inpaint, interpolate, make_mask
+from ncsn.sampling import annealed_langevin, langevin, ncsnv2_step_lr
 
 __version__ = "0.1.0"
 
@@ -21,5 +22,6 @@ __all__ = [
     "annealed",
     "ScoreMLP", "ConditionalMLP",
     "geometric_sigmas", "largest_pairwise_distance", "num_scales_for",
-    "langevin", "annealed_langevin",
+    "langevin", "annealed_langevin", "ncsnv2_step_lr",
+    "inpaint", "interpolate", "make_mask",
 ]

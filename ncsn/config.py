@@ -170,6 +170,7 @@ class TrainerConfig:
     n_steps: int = 5000
     batch_size: int = 128                # the global batch
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    num_threads: Optional[int] = None    # CPU threads for torch; null: torch's default
     ema: bool = True
     ema_rate: float = 0.999
     ckpt_every: int = 1000
@@ -198,7 +199,7 @@ class TrainConfig:
 class SampleConfig:
     @dataclass
     class Inpaint:
-        images: Optional[List[str]] = None   # image files or folders; null: the dataset's test split
+        images: Optional[List[str]] = None   # image files or folders; null: the test split
         n_images: int = 8                    # test-split images to complete (files: all of them)
         n_completions: int = 4               # completions drawn for each image
         mask: str = "half"                   # half (right half unknown) | center | random

@@ -2,17 +2,20 @@
 config and sigma table), then run a sampler in batches."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
 from ncsn import registry
 from ncsn.checkpoint import CheckpointError, load_checkpoint
 from ncsn.config import SCHEMAS
+from ncsn.data.images import IMAGE_DATASETS, image_config, model_space
+from ncsn.image_sampling import TrajectoryRecorder
 from ncsn.train import resolve_device
 
 
@@ -48,33 +51,92 @@ def sampler_config(saved: dict, overrides: dict | None = None, replace: dict | N
         raise registry.ConfigError(f"sampler config: {str(err).splitlines()[0]}") from None
 
 
+@dataclass
+class CheckpointSampler:
+    """A checkpoint's network, noise table and sampler, and the maps between the model's
+    space and data space: everything needed to draw, inpaint or interpolate."""
+
+    net: nn.Module
+    sigmas: Tensor                       # (L,), on ``device``
+    sampler_cfg: DictConfig
+    dataset_cfg: DictConfig
+    shape: tuple[int, ...]               # one sample
+    device: torch.device
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def to_data(self, x: Tensor) -> Tensor:
+        """Model space -> data space (images: clamped to [0, 1])."""
+        return registry.data_space_map(self.dataset_cfg)(x)
+
+    def to_model(self, x: Tensor) -> Tensor:
+        """Data space -> model space (the dataset's rescaling or logit transform)."""
+        if self.dataset_cfg.name in IMAGE_DATASETS:
+            return model_space(image_config(self.dataset_cfg))(x)
+        return x
+
+    def initial(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` starting points of the configured distribution, in model space."""
+        return registry.initial_samples(self.sampler_cfg, n, self.shape, self.sigmas,
+                                        self.device, generator)
+
+    def run(self, x: Tensor, **kwargs):
+        """The configured sampler on ``x`` (keyword arguments as the sampler takes them)."""
+        return registry.build_sampler(self.sampler_cfg, self.sigmas)(self.net, x, **kwargs)
+
+    def batches(self, n_samples: int, batch_size: int | None = None, seed: int = 0,
+                recorder: TrajectoryRecorder | None = None, return_trajectory: bool = False,
+                progress: bool = False) -> Iterator:
+        """Yield data-space CPU batches, ``n_samples`` in all, or ``(samples, trajectory)``
+        pairs with ``return_trajectory`` (the sampler's snapshots ``(K, B, ...)``, model
+        space). Memory does not grow with ``n_samples``: each batch is handed over before
+        the next is drawn. ``recorder`` (annealed Langevin only) records the first batch."""
+        if recorder is not None and self.sampler_cfg.name != "annealed_langevin":
+            raise registry.ConfigError(
+                f"recording the chain needs sampler=annealed_langevin (one frame per noise "
+                f"level), not sampler={self.sampler_cfg.name}")
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        batch_size = batch_size or n_samples
+        for start in range(0, n_samples, batch_size):
+            x = self.initial(min(batch_size, n_samples - start), generator)
+            record = recorder if start == 0 else None
+            if record is not None:
+                record.start(x)
+            out = self.run(x, return_trajectory=return_trajectory, progress=progress,
+                           **({"known": record} if record is not None else {}))
+            x, trajectory = out if return_trajectory else (out, None)
+            if record is not None:
+                record.finish(x)
+            samples = self.to_data(x.cpu())
+            yield (samples, trajectory) if return_trajectory else samples
+
+
+def load_sampler(ckpt: dict, sampler_cfg=None, use_ema: bool = True,
+                 device: str | torch.device = "auto") -> CheckpointSampler:
+    """A :class:`CheckpointSampler` for a checkpoint dict, with its own sampler config or
+    ``sampler_cfg``."""
+    cfg = OmegaConf.create(ckpt["config"])
+    sampler_cfg = sampler_cfg if sampler_cfg is not None else cfg.sampler
+    registry.check_sampler(sampler_cfg, cfg.model)
+    device = resolve_device(device) if isinstance(device, str) else device
+    return CheckpointSampler(model_from_checkpoint(ckpt, use_ema, device),
+                             ckpt["sigmas"].to(device), sampler_cfg, cfg.dataset,
+                             tuple(ckpt["data_shape"]), device)
+
+
 def sample_batches(ckpt: dict, n_samples: int, batch_size: int | None = None, seed: int = 0,
                    sampler_cfg=None, use_ema: bool = True, device: str = "auto",
                    return_trajectory: bool = False, progress: bool = False) -> Iterator:
     """Yield batches of samples in data space (CPU tensors), ``n_samples`` in all, or
-    ``(samples, trajectory)`` pairs with ``return_trajectory``. Memory does not grow with
-    ``n_samples``: each batch is handed over before the next is drawn."""
-    torch.manual_seed(seed)
-    device = resolve_device(device)
-    cfg = OmegaConf.create(ckpt["config"])
-    sampler_cfg = sampler_cfg if sampler_cfg is not None else cfg.sampler
-    registry.check_sampler(sampler_cfg, cfg.model)
-    net = model_from_checkpoint(ckpt, use_ema, device)
-    sigmas = ckpt["sigmas"].to(device)
-    sampler = registry.build_sampler(sampler_cfg, sigmas)
-    to_data_space = registry.data_space_map(cfg.dataset)
-    shape = tuple(ckpt["data_shape"])
-    generator = torch.Generator().manual_seed(seed)
-    batch_size = batch_size or n_samples
-    for start in range(0, n_samples, batch_size):
-        n = min(batch_size, n_samples - start)
-        x = registry.initial_samples(sampler_cfg, n, shape, sigmas, device, generator)
-        out = sampler(net, x, return_trajectory=return_trajectory, progress=progress)
-        if return_trajectory:
-            x, trajectory = out
-            yield to_data_space(x.cpu()), trajectory
-        else:
-            yield to_data_space(out.cpu())
+    ``(samples, trajectory)`` pairs with ``return_trajectory`` (trajectory: ``(K, B, ...)``
+    in model space). Memory does not grow with ``n_samples``: each batch is handed over
+    before the next is drawn."""
+    sampler = load_sampler(ckpt, sampler_cfg, use_ema, device)
+    return sampler.batches(n_samples, batch_size, seed, return_trajectory=return_trajectory,
+                           progress=progress)
 
 
 def sample(path: str | Path, n_samples: int, **kwargs) -> Tensor:

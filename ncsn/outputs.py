@@ -1,5 +1,19 @@
-"""Writing samples to disk: ``samples.npz`` (array ``samples``, shape (n, ...), in data
-space) and a picture, ``samples.png``."""
+"""What ``ncsn-sample`` writes into its output folder, for each kind of data and mode.
+
+Points (2-D): ``samples.npz`` (array ``samples``, shape (n, 2), data space), ``samples.png``
+(samples over the data) and, with ``save_trajectory``, ``trajectory.png``.
+
+Images, ``mode=sample``: ``samples.png`` (a grid of the first ``grid_size``), the samples
+streamed to ``shards/samples_*.npz`` and/or ``images/*.png`` (``save_as``, see
+:mod:`ncsn.image_io`) and, with ``save_trajectory``, ``trajectory.gif`` (one frame per noise
+level) and ``trajectory.png`` (a strip per chain).
+
+``mode=inpaint``: ``inpainting.png``, one row per image: the masked input, the completions,
+the original; ``inpainting.npz`` (``images``, ``mask``, ``completions``).
+
+``mode=interpolate``: ``interpolation.png``, one row per interpolation;
+``interpolation.npz`` (``samples``, shape (rows, n_interpolations, C, H, W)).
+"""
 from __future__ import annotations
 
 import logging
@@ -7,36 +21,146 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from ncsn import registry, viz
-from ncsn.generate import sample_batches
+from ncsn.data import first_tensor
+from ncsn.generate import CheckpointSampler, load_sampler
+from ncsn.image_io import SAVE_AS, load_images, save_gif, save_picture, save_strip, write_stream
+from ncsn.image_sampling import (TrajectoryRecorder, inpaint, interpolate, make_mask,
+                                 masked_picture)
 
 log = logging.getLogger(__name__)
+IMAGE_BATCH_SIZE = 100          # images drawn at once when batch_size is null
+MASK_FRACTION = {"half": 0.5, "center": 0.25, "random": 0.5}
 
 
 def write_samples(ckpt: dict, sampler_cfg, cfg, out: Path) -> Path:
-    """Sample ``cfg.n_samples`` points from ``ckpt`` with ``sampler_cfg`` into ``out``."""
+    """Run ``cfg.mode`` (see :class:`ncsn.config.SampleConfig`) on checkpoint ``ckpt`` with
+    ``sampler_cfg`` and write the results into ``out``; returns the main picture's path."""
+    jobs = {"sample": write_images, "inpaint": write_inpainting,
+            "interpolate": write_interpolation}
+    if cfg.mode not in jobs:
+        raise registry.ConfigError(f"mode must be one of {', '.join(jobs)}, got {cfg.mode!r}")
     out.mkdir(parents=True, exist_ok=True)
-    batches = sample_batches(ckpt, cfg.n_samples, cfg.batch_size, cfg.seed, sampler_cfg,
-                             cfg.use_ema, cfg.device, return_trajectory=True, progress=True)
+    sampler = load_sampler(ckpt, sampler_cfg, cfg.use_ema, cfg.device)
+    if not sampler.is_image:
+        if cfg.mode != "sample":
+            raise registry.ConfigError(f"mode={cfg.mode} works on images; this checkpoint "
+                                       f"holds points of shape {sampler.shape}")
+        return write_points(sampler, cfg, out)
+    return jobs[cfg.mode](sampler, cfg, out)
+
+
+def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
+    """``samples.npz`` and pictures of a point (e.g. 2-D) checkpoint."""
     samples, trajectory = [], None
-    for x, traj in batches:
+    for x, traj in sampler.batches(cfg.n_samples, cfg.batch_size, cfg.seed,
+                                   return_trajectory=True, progress=True):
         samples.append(x)
         trajectory = traj if trajectory is None else trajectory
     samples = torch.cat(samples)
     np.savez(out / "samples.npz", samples=samples.numpy())
-    _picture(ckpt, samples, trajectory, cfg, out)
+    if sampler.shape == (2,):
+        data = registry.build_data(sampler.dataset_cfg).test.tensors[0]
+        viz.save_figure(viz.samples_figure(samples, data), out / "samples.png")
+        if cfg.save_trajectory:
+            viz.save_figure(viz.trajectories_figure(trajectory, data), out / "trajectory.png")
     log.info("wrote %d samples to %s", len(samples), out / "samples.npz")
     return out / "samples.npz"
 
 
-def _picture(ckpt: dict, samples, trajectory, cfg, out: Path) -> None:
-    dataset_cfg = OmegaConf.create(ckpt["config"]["dataset"])
-    if len(ckpt["data_shape"]) == 1 and ckpt["data_shape"][0] == 2:
-        data = registry.build_data(dataset_cfg).test.tensors[0]
-        viz.save_figure(viz.samples_figure(samples, data), out / "samples.png")
-        if cfg.save_trajectory:
-            viz.save_figure(viz.trajectories_figure(trajectory, data), out / "trajectory.png")
-    elif len(ckpt["data_shape"]) == 3:
-        viz.save_grid(samples[:256], out / "samples.png")
+def _sampler_keys(sampler: CheckpointSampler, mode: str):
+    """The annealed Langevin settings that inpainting and interpolation reuse."""
+    if sampler.sampler_cfg.name != "annealed_langevin":
+        raise registry.ConfigError(f"mode={mode} runs annealed Langevin dynamics; use "
+                                   f"sampler=annealed_langevin, not {sampler.sampler_cfg.name}")
+    return sampler.sampler_cfg
+
+
+def write_images(sampler: CheckpointSampler, cfg, out: Path) -> Path:
+    """Stream ``cfg.n_samples`` images to disk; a grid, and the chain's record if asked."""
+    if cfg.save_as not in SAVE_AS:
+        raise registry.ConfigError(f"save_as must be one of {', '.join(SAVE_AS)}, "
+                                   f"got {cfg.save_as!r}")
+    if cfg.trajectory_every < 1 or cfg.trajectory_chains < 1:
+        raise registry.ConfigError("trajectory_every and trajectory_chains must be at least 1")
+    recorder = None
+    if cfg.save_trajectory:
+        recorder = TrajectoryRecorder(cfg.trajectory_chains, sampler.to_data,
+                                      cfg.trajectory_every)
+    batches = sampler.batches(cfg.n_samples, cfg.batch_size or IMAGE_BATCH_SIZE, cfg.seed,
+                              recorder=recorder, progress=True)
+    grid = write_stream(batches, out, cfg.save_as, cfg.n_samples, keep=cfg.grid_size)
+    save_picture(grid, out / "samples.png")
+    if recorder is not None:
+        save_gif(recorder.frames, out / "trajectory.gif")
+        save_strip(recorder.frames, out / "trajectory.png")
+    log.info("wrote %d samples to %s (save_as=%s)", cfg.n_samples, out, cfg.save_as)
+    return out / "samples.png"
+
+
+def known_images(sampler: CheckpointSampler, inpaint_cfg) -> torch.Tensor:
+    """The images to inpaint, data space ``(N, C, H, W)``: the files of ``inpaint.images``,
+    or the first ``inpaint.n_images`` of the checkpoint's dataset's test split."""
+    channels, size = sampler.shape[0], sampler.shape[1]
+    if inpaint_cfg.images:
+        return load_images(list(inpaint_cfg.images), channels, size)
+    data = registry.build_data(sampler.dataset_cfg)
+    if data.test is None or len(data.test) == 0:
+        raise registry.ConfigError(f"dataset={sampler.dataset_cfg.name} has no test split to "
+                                   f"take images from; give files: inpaint.images=[a.png,b.png]")
+    n = min(inpaint_cfg.n_images, len(data.test))
+    return data.to_data_space(torch.stack([first_tensor(data.test[i]) for i in range(n)]))
+
+
+def write_inpainting(sampler: CheckpointSampler, cfg, out: Path) -> Path:
+    """Complete each known image ``inpaint.n_completions`` times (NCSN, Section 5)."""
+    s, c = _sampler_keys(sampler, "inpaint"), cfg.inpaint
+    images = known_images(sampler, c)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    fraction = c.fraction if c.fraction is not None else MASK_FRACTION.get(c.mask, 0.5)
+    try:
+        mask = make_mask(c.mask, images.shape, fraction, generator)
+    except ValueError as err:
+        raise registry.ConfigError(f"inpaint: {err}") from None
+    y = images.repeat_interleave(c.n_completions, 0)                   # (N k, C, H, W)
+    m = mask.repeat_interleave(c.n_completions, 0)
+    torch.manual_seed(cfg.seed)
+    batch = cfg.batch_size or IMAGE_BATCH_SIZE
+    completions = torch.cat([
+        inpaint(sampler.net, y[i:i + batch].to(sampler.device), m[i:i + batch], sampler.sigmas,
+                s.step_lr, s.n_steps_each, s.denoise,
+                x_init=sampler.initial(len(y[i:i + batch]), generator),
+                to_model=sampler.to_model, to_data=sampler.to_data, progress=True).cpu()
+        for i in range(0, len(y), batch)]).view(len(images), c.n_completions, *images.shape[1:])
+    rows = torch.cat([masked_picture(images, mask)[:, None], completions, images[:, None]], 1)
+    save_picture(rows.flatten(0, 1), out / "inpainting.png", nrow=rows.shape[1])
+    np.savez(out / "inpainting.npz", images=images.numpy(), mask=mask.numpy(),
+             completions=completions.numpy())
+    log.info("inpainted %d images (%s mask), %d completions each: %s", len(images), c.mask,
+             c.n_completions, out / "inpainting.png")
+    return out / "inpainting.png"
+
+
+def write_interpolation(sampler: CheckpointSampler, cfg, out: Path) -> Path:
+    """Rows of samples interpolated with fixed noise (NCSNv2's repository)."""
+    s, c = _sampler_keys(sampler, "interpolate"), cfg.interpolation
+    if c.vary not in ("noise", "init", "both"):
+        raise registry.ConfigError(f"interpolation.vary must be noise, init or both, "
+                                   f"got {c.vary!r}")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    start = sampler.initial(c.n_rows, generator)
+    end = sampler.initial(c.n_rows, generator) if c.vary in ("init", "both") else None
+    center = (s.init_low + s.init_high) / 2 if s.init == "uniform" else 0.0
+    torch.manual_seed(cfg.seed)
+    x = interpolate(sampler.net, sampler.sigmas, start, s.step_lr, s.n_steps_each,
+                    c.n_interpolations, s.denoise, end=end,
+                    interpolate_noise=c.vary in ("noise", "both"), center=center,
+                    generator=generator, progress=True)
+    images = sampler.to_data(x.flatten(0, 1).cpu())
+    save_picture(images, out / "interpolation.png", nrow=c.n_interpolations)
+    rows = images.view(*x.shape[:2], *images.shape[1:])                 # (R, K, C, H, W)
+    np.savez(out / "interpolation.npz", samples=rows.numpy())
+    log.info("wrote %d interpolations of %d samples: %s", c.n_rows, c.n_interpolations,
+             out / "interpolation.png")
+    return out / "interpolation.png"

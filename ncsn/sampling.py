@@ -16,6 +16,11 @@ ScoreFn = Callable[[Tensor], Tensor]
 ScoreNet = Callable[[Tensor, Tensor], Tensor]
 
 
+def quiet(progress: bool) -> bool | None:
+    """tqdm's ``disable``: off when not asked for; when asked, shown on a terminal only."""
+    return None if progress else True
+
+
 def langevin_step(score: Tensor, x: Tensor, step_size: float | Tensor) -> Tensor:
     """One Langevin step: x + (eps/2) s(x) + sqrt(eps) z, z ~ N(0, I) (Gaussian noise)."""
     return x + 0.5 * step_size * score + step_size ** 0.5 * torch.randn_like(x)
@@ -32,7 +37,7 @@ def langevin(score_fn: ScoreFn, x: Tensor, step_size: float, n_steps: int,
     """
     snapshot_every = snapshot_every or max(1, n_steps // 50)
     trajectory = [x.cpu()]
-    for step in tqdm(range(1, n_steps + 1), desc="langevin", disable=not progress, leave=False):
+    for step in tqdm(range(1, n_steps + 1), desc="langevin", disable=quiet(progress), leave=False):
         x = langevin_step(score_fn(x), x, step_size)
         if return_trajectory and (step % snapshot_every == 0 or step == n_steps):
             trajectory.append(x.cpu())
@@ -62,7 +67,7 @@ def annealed_langevin(net: ScoreNet, x: Tensor, sigmas: Tensor, step_lr: float,
     sigmas = sigmas.to(x.device, x.dtype)
     alphas = annealed_step_sizes(sigmas, step_lr)
     trajectory = [x.cpu()]
-    for i in tqdm(range(len(sigmas)), desc="annealed langevin", disable=not progress,
+    for i in tqdm(range(len(sigmas)), desc="annealed langevin", disable=quiet(progress),
                   leave=False):
         sigma = sigmas[i].expand(x.shape[0])                     # (B,)
         for _ in range(n_steps_each):

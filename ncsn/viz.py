@@ -49,7 +49,9 @@ def samples_figure(samples: Tensor, data: Tensor, n: int = 2000):
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.legend(loc="upper right", markerscale=4)
-    ax.set_title(f"{min(n, len(samples))} samples over data")
+    shown = min(n, len(samples))
+    ax.set_title(f"{shown} of {len(samples)} samples over data" if shown < len(samples)
+                 else f"{shown} samples over data")
     ax.set_aspect("equal")
     return fig
 

@@ -29,7 +29,7 @@ def compose_train(overrides=()):
 
 def run_cli(command, *args, cwd=None, timeout=240, **popen):
     """Run a console script of this environment; returns the CompletedProcess."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run([str(BIN / command), *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL,
                           env=env, **popen)

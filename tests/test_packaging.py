@@ -10,7 +10,8 @@ from conftest import REPO
 
 def test_configs_are_found_from_this_install():
     root = Path(config_dir())
-    assert (root / "train.yaml").is_file() and (root / "sample.yaml").is_file()
+    for entry in ("train.yaml", "sample.yaml", "eval.yaml"):
+        assert (root / entry).is_file(), entry
     for group in ("dataset", "model", "noise", "loss", "sampler", "optim", "trainer", "experiment"):
         assert any((root / group).glob("*.yaml")), group
 
@@ -21,10 +22,12 @@ def test_built_wheel_carries_the_configs(tmp_path):
     wheel = next(tmp_path.glob("ncsn-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("ncsn/configs/train.yaml", "ncsn/configs/sample.yaml",
-                 "ncsn/configs/dataset/swiss_roll.yaml", "ncsn/configs/experiment/swissroll.yaml",
+                 "ncsn/configs/eval.yaml", "ncsn/configs/dataset/swiss_roll.yaml",
+                 "ncsn/configs/experiment/swissroll.yaml", "ncsn/configs/setup/cifar10.yaml",
                  "ncsn/cli/train.py", "ncsn/losses.py"):
         assert name in names, name
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "ncsn-train = ncsn.cli.train:main" in scripts
     assert "ncsn-sample = ncsn.cli.sample:main" in scripts
+    assert "ncsn-eval = ncsn.cli.eval:main" in scripts

@@ -30,6 +30,22 @@ def check_keys(cfg: DictConfig, path: str = "") -> None:
             check_keys(node, f"{path}{key}.")
 
 
+def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict | None]:
+    """From the command line's overrides: the sampler keys set one by one, and the whole
+    sampler config (a plain dict) when ``sampler=NAME`` picked another one. The
+    checkpoint's own sampler stays the default for everything else."""
+    from omegaconf import OmegaConf
+
+    keys, replaced = {}, None
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key == "sampler":
+            replaced = OmegaConf.to_container(cfg.sampler)
+        elif key.startswith("sampler."):
+            keys[key[len("sampler."):]] = OmegaConf.select(cfg, key)
+    return keys, replaced
+
+
 def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> object:
     """Run ``job``; known failures become one line on stderr and a non-zero exit status:
     2 for bad input (config, checkpoint, data), 1 for a diverged run, 128 + signal number

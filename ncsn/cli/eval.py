@@ -7,9 +7,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ncsn.cli.common import check_keys, print_help, run_cli
+from ncsn.cli.common import check_keys, print_help, run_cli, sampler_overrides
 from ncsn.config import config_dir, register_configs
 from ncsn.eval_config import register_eval_configs
 
@@ -20,19 +20,6 @@ SUMMARY = ("score samples and checkpoints (FID, IS, KID; digits and 2-D metrics)
            "reference statistics. Examples: ncsn-eval ckpt=RUN/checkpoints/last.pt "
            "metric=[fid,is]; ncsn-eval samples=DIR ref_stats=stats.npz; ncsn-eval run=RUN "
            "n_samples=1000; ncsn-eval stats dataset=cifar10")
-
-
-def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict | None]:
-    """The sampler keys set on the command line, and the whole sampler config when
-    ``sampler=NAME`` picked another one (the checkpoint's own sampler is the default)."""
-    keys, replaced = {}, None
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "sampler":
-            replaced = OmegaConf.to_container(cfg.sampler)
-        elif key.startswith("sampler."):
-            keys[key[len("sampler."):]] = OmegaConf.select(cfg, key)
-    return keys, replaced
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")

@@ -1,31 +1,20 @@
-"""ncsn-sample: rebuild a model from a checkpoint, sample, write samples.npz and samples.png."""
+"""ncsn-sample: rebuild a model from a checkpoint and sample, inpaint or interpolate
+(``mode=``); what is written where is described in :mod:`ncsn.outputs`."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ncsn.cli.common import check_keys, run_cli
+from ncsn.cli.common import check_keys, print_help, run_cli, sampler_overrides
 from ncsn.config import config_dir, register_configs
 
 register_configs()
 log = logging.getLogger("ncsn.sample")
-
-
-def overridden_sampler(cfg: DictConfig, overrides: list[str]) -> tuple[dict, DictConfig | None]:
-    """From the command line's overrides: the sampler keys set one by one, and the whole
-    sampler config when ``sampler=NAME`` picked another one."""
-    keys, replaced = {}, None
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key == "sampler":
-            replaced = cfg.sampler
-        elif key.startswith("sampler."):
-            keys[key[len("sampler."):]] = OmegaConf.select(cfg, key)
-    return keys, replaced
 
 
 @hydra.main(config_path=config_dir(), config_name="sample", version_base="1.3")
@@ -37,9 +26,8 @@ def _main(cfg: DictConfig) -> None:
     def job():
         check_keys(cfg)
         ckpt = load_checkpoint(cfg.ckpt)
-        keys, replaced = overridden_sampler(cfg, HydraConfig.get().overrides.task)
-        sampler_cfg = sampler_config(ckpt["config"]["sampler"], keys,
-                                     None if replaced is None else OmegaConf.to_container(replaced))
+        keys, replaced = sampler_overrides(cfg, HydraConfig.get().overrides.task)
+        sampler_cfg = sampler_config(ckpt["config"]["sampler"], keys, replaced)
         log.info("sampler: %s", OmegaConf.to_container(sampler_cfg))
         out = Path(HydraConfig.get().runtime.output_dir)
         write_samples(ckpt, sampler_cfg, cfg, out)
@@ -47,6 +35,11 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print_help("ncsn-sample", "sample", "draw samples from a checkpoint. Example: "
+                   "ncsn-sample ckpt=RUN/checkpoints/last.pt out=DIR n_samples=5000",
+                   sys.argv[1:], groups=("sampler",))
+        return
     _main()
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig

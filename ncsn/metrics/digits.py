@@ -60,6 +60,7 @@ def _shift(x: Tensor, g: torch.Generator) -> Tensor:
     return padded[..., dy:dy + 8, dx:dx + 8]
 
 
+@torch.enable_grad()      # callers may run under no_grad (digits_metrics does)
 def train_digits_classifier(seed: int = 0, epochs: int = 15, batch_size: int = 64,
                             lr: float = 3e-3) -> DigitsClassifier:
     """Train the classifier on the first 80% of the digits; ~3 CPU-seconds.

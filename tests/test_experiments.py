@@ -1,0 +1,116 @@
+"""The papers' setups: every experiment file composes and trains one step at a tiny size,
+and each dataset's own defaults (configs/setup/) give the setup a researcher expects."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from ncsn import registry
+from ncsn import train as training
+from ncsn.checkpoint import load_checkpoint
+from ncsn.config import config_dir
+from ncsn.data import Data
+from ncsn.data.images import image_config, model_space
+from conftest import compose_train
+
+CONFIGS = Path(config_dir())
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONFIGS / "dataset").glob("*.yaml"))
+IMAGE_SIZE = 16
+
+# Small widths for each model option; everything else stays as the experiment sets it.
+TINY_MODEL = {"ncsn": ["model.ngf=8"], "ncsnv2": ["model.ngf=8"],
+              "unet": ["model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[]"]}
+TINY_RUN = ["trainer.n_steps=1", "trainer.batch_size=4", "trainer.n_plot_samples=2",
+            "trainer.device=cpu", "trainer.progress=false", "sampler.n_steps_each=1"]
+
+
+def fake_images(dataset_cfg) -> Data:
+    """Random images of the configured size in the configured model space, standing in for
+    datasets that are not on this machine (their loaders have tests of their own)."""
+    cfg = image_config(dataset_cfg)
+    channels = 1 if cfg.name in ("mnist", "fashion_mnist", "digits") else 3
+    x = torch.rand(16, channels, cfg.image_size, cfg.image_size)
+    space = model_space(cfg)
+    return Data(TensorDataset(space(x)), TensorDataset(space(x[:8])),
+                shape=tuple(x.shape[1:]), kind="images", to_data_space=space.inverse)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_trains_one_step_at_a_tiny_size(name, tmp_path, monkeypatch):
+    cfg = compose_train([f"experiment={name}"])
+    overrides = list(TINY_RUN)
+    if cfg.dataset.name in registry.TOY_DATASETS:
+        overrides += ["dataset.n_samples=64", "dataset.n_test=16", "model.hidden=16"]
+    else:
+        overrides += TINY_MODEL[cfg.model.name]
+        if cfg.dataset.name != "digits":                 # the digits ship with scikit-learn
+            overrides += [f"dataset.image_size={IMAGE_SIZE}", "noise.num_scales=5"]
+            monkeypatch.setattr(registry, "build_data", fake_images)
+    cfg = compose_train([f"experiment={name}", *overrides])
+    last = training.train(cfg, tmp_path)
+    ckpt = load_checkpoint(last)
+    assert ckpt["step"] == 1 and ckpt["config"]["model"]["name"] == cfg.model.name
+    if len(ckpt["data_shape"]) == 3:
+        assert Image.open(tmp_path / "pictures" / "samples_00000001.png").size[0] > 1
+
+
+def test_cifar10_with_annealed_dsm_alone_is_the_ncsnv2_setup():
+    default = compose_train(["dataset=cifar10", "loss=anneal_dsm"])
+    assert default == compose_train(["experiment=ncsnv2_cifar10"])
+    c = OmegaConf.to_container(default)
+    assert c["model"] == {"name": "ncsnv2", "ngf": 128, "depth": "standard", "activation": "elu"}
+    noise = c["noise"]
+    assert (noise["sigma_begin"], noise["sigma_end"], noise["num_scales"]) == (50, 0.01, 232)
+    assert c["optim"]["lr"] == 1e-4 and c["trainer"]["batch_size"] == 128
+    assert c["trainer"]["ema"] and c["trainer"]["ema_rate"] == 0.999
+    s = c["sampler"]
+    assert s["name"] == "annealed_langevin"
+    assert (s["step_lr"], s["n_steps_each"], s["denoise"]) == (6.2e-6, 5, True)
+    assert (s["init"], s["init_low"], s["init_high"]) == ("uniform", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("dataset,experiment", [("celeba", "ncsnv2_celeba"),
+                                                ("lsun", "ncsnv2_church"), ("digits", "digits")])
+def test_dataset_defaults_match_their_paper_experiment(dataset, experiment):
+    assert compose_train([f"dataset={dataset}"]) == compose_train([f"experiment={experiment}"])
+
+
+def test_command_line_choices_win_over_the_dataset_setup():
+    cfg = compose_train(["dataset=cifar10", "model=unet", "noise.num_scales=10"])
+    assert cfg.model.name == "unet" and cfg.model.ch == 128 and cfg.noise.num_scales == 10
+    assert cfg.noise.sigma_begin == 50                          # the rest of the setup stays
+    assert compose_train(["experiment=ncsnv2_church", "model=ncsnv2"]).model.depth == "standard"
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_dataset_has_a_setup(dataset):
+    cfg = compose_train([f"dataset={dataset}"])
+    if dataset in registry.TOY_DATASETS:                        # the 2-D defaults of old
+        assert cfg.model.name == "cond_mlp" and cfg.noise.num_scales == 10
+        assert cfg.sampler.init == "gaussian" and cfg.optim.lr == 1e-3
+    else:
+        assert registry.is_conditional(cfg.model) and cfg.sampler.init == "uniform"
+
+
+def test_paper_values_of_the_other_setups():
+    table = {"ncsn_cifar10": ("ncsn", 1.0, 10, 2e-5, 100, False, 1e-3),
+             "ncsnv2_celeba": ("ncsnv2", 90, 500, 3.3e-6, 5, True, 1e-4),
+             "ncsnv2_church": ("ncsnv2", 140, 788, 4.9e-6, 4, True, 1e-4),
+             "ncsnv2_bedroom": ("ncsnv2", 190, 1086, 1.8e-6, 3, True, 1e-4),
+             "ncsnv2_tower": ("ncsnv2", 190, 1086, 1.8e-6, 3, True, 1e-4)}
+    for name, expected in table.items():
+        c = compose_train([f"experiment={name}"])
+        got = (c.model.name, c.noise.sigma_begin, c.noise.num_scales, c.sampler.step_lr,
+               c.sampler.n_steps_each, c.sampler.denoise, c.optim.lr)
+        assert got == expected, name
+    sizes = {"ncsnv2_celeba": 64, "ncsnv2_church": 96, "ncsnv2_bedroom": 128, "ncsnv2_tower": 128}
+    for name, size in sizes.items():
+        c = compose_train([f"experiment={name}"])
+        assert c.dataset.image_size == size
+        assert (c.model.depth == "deeper") == (size > 64), name
+    assert compose_train(["experiment=ncsnv2_bedroom"]).dataset.category == "bedroom"
+    assert compose_train(["experiment=ncsnv2_tower"]).dataset.category == "tower"
