@@ -1,12 +1,13 @@
 """Image datasets, loaded by torchvision from small files in the real on-disk formats.
 
 Each test writes a few images in the format the real dataset ships in (CIFAR-10's pickled
-batches, MNIST's IDX files, SVHN's .mat, CelebA's folder and annotation lists, a folder of
-PNGs) and checks what the model sees: shapes, value ranges, the exact inverse back to
+batches, MNIST's IDX files, SVHN's .mat, CelebA's folder and annotation lists, LSUN's lmdb
+databases of WebP images, a folder of PNGs) and checks what the model sees: shapes, value ranges, the exact inverse back to
 [0, 1], and the one-line error when a dataset is missing.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -129,6 +130,36 @@ def write_celeba(root: Path, partition=(0, 0, 0, 1, 1, 2, 2)) -> None:
         with_header([f"attr{k}" for k in range(40)], [[1, -1] * 20] * n))
 
 
+LSUN_COLOURS = {"train": [(200, 30, 90), (0, 255, 128), (10, 20, 30), (255, 255, 0)],
+                "val": [(1, 2, 3), (250, 128, 7)]}
+
+
+def write_lsun(root: Path, category: str = "church_outdoor") -> dict[str, torch.Tensor]:
+    """lsun/<category>_{train,val}_lmdb/: lmdb databases (data.mdb, lock.mdb) whose values are
+    WebP images, as in the real dataset; lossless here, so that pixels come back exactly.
+    Image k is 48 wide and 40 high, of one colour, with 2-pixel stripes of the complementary
+    colour at its left and right edges that a centre crop to a square drops. Returns, per
+    split, the colours in [0, 1] as (N, 3) in key order (the order lmdb reads them in)."""
+    import lmdb
+
+    colours = {}
+    for split, rgbs in LSUN_COLOURS.items():
+        path = root / "lsun" / f"{category}_{split}_lmdb"
+        path.mkdir(parents=True)
+        env = lmdb.open(str(path), map_size=1 << 22)
+        with env.begin(write=True) as txn:
+            for k, rgb in enumerate(rgbs):
+                image = np.empty((40, 48, 3), dtype=np.uint8)
+                image[:] = rgb
+                image[:, :2] = image[:, -2:] = 255 - np.array(rgb, dtype=np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format="WEBP", lossless=True)
+                txn.put(f"{k:040x}".encode(), buffer.getvalue())   # LSUN's keys: 40 hex digits
+        env.close()
+        colours[split] = torch.tensor(rgbs, dtype=torch.float32) / 255
+    return colours
+
+
 def write_image_folder(path: Path, n_per_class: int = 5, size=(40, 30)) -> None:
     """path/<class>/<k>.png for two classes, RGB, width x height = size."""
     for c in ("cats", "dogs"):
@@ -239,6 +270,36 @@ def test_celeba_crop_and_resize(tmp_path, skip_md5):
     assert stack(valid.test).shape == (2, 3, 64, 64)
 
 
+def test_lsun_lmdb_resize_and_centre_crop(tmp_path, monkeypatch):
+    pytest.importorskip("lmdb")
+    monkeypatch.chdir(tmp_path)            # torchvision caches the keys in ./_cache_*
+    colours = write_lsun(tmp_path)
+    data = build_image_data(config("lsun", tmp_path, image_size=32))
+    assert data.shape == (3, 32, 32) and len(data.train) == 4 and len(data.test) == 2
+    image, label = data.train[1]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+    # 48x40 -> 38x32 -> the central 32x32: one colour, no trace of the edge stripes.
+    for split, dataset in (("train", data.train), ("val", data.test)):
+        expected = colours[split][:, :, None, None].expand(-1, 3, 32, 32)
+        torch.testing.assert_close(stack(dataset), expected)
+    assert len(list(tmp_path.glob("_cache_*"))) == 2               # one per database
+
+    # Again, while the first still lives, in [-1, 1] and through DataLoader workers.
+    rescaled = build_image_data(config("lsun", tmp_path, image_size=24, rescaled=True,
+                                       random_flip=True, load_test=False))
+    assert rescaled.test is None
+    x = stack(rescaled.train)
+    assert x.shape == (4, 3, 24, 24) and x.min() >= -1.0 and x.max() <= 1.0
+    torch.testing.assert_close(rescaled.to_data_space(x),
+                               colours["train"][:, :, None, None].expand(-1, 3, 24, 24))
+    batch = next(infinite_batches(rescaled.train, 3, torch.Generator().manual_seed(0),
+                                  num_workers=2))
+    assert batch.shape == (3, 3, 24, 24)
+    # Both share the one open database (lmdb >= 3 refuses a second open), each with its own
+    # transform.
+    assert data.train[0][0].shape == (3, 32, 32)
+
+
 def test_image_folder_split_channels_and_test_folder(tmp_path):
     write_image_folder(tmp_path / "pets")
     data = build_image_data(config("image_folder", tmp_path, path="pets", image_size=16,
@@ -320,6 +381,9 @@ def test_missing_lsun_names_the_database(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFoundError, match="church_outdoor_train_lmdb") as info:
         build_image_data({"name": "lsun", "root": str(tmp_path)})
     assert str(tmp_path.resolve() / "lsun") in str(info.value)
+    (tmp_path / "lsun" / "church_outdoor_train_lmdb").mkdir(parents=True)   # not unzipped yet
+    with pytest.raises(DatasetNotFoundError, match="church_outdoor_train_lmdb/data.mdb"):
+        build_image_data({"name": "lsun", "root": str(tmp_path)})
     with pytest.raises(ValueError, match="unknown LSUN category"):
         build_image_data({"name": "lsun", "root": str(tmp_path), "category": "church"})
 

@@ -12,6 +12,7 @@ what was looked for, where, and how to provide it.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -339,6 +340,27 @@ def _require_lmdb() -> None:
             from None
 
 
+class _Transformed(Dataset):
+    """The items ``(image, label)`` of ``dataset`` as ``(transform(image), label)``."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+# torchvision's LSUN opens its lmdb database when built, and lmdb >= 3 refuses to open one
+# that is already open in the process (LMDB forbids it; older bindings let it pass). So each
+# database is opened once and shared, untransformed, by every dataset built on it while any
+# of them lives: <path of the _lmdb folder> -> datasets.LSUN.
+_OPEN_LSUN: "weakref.WeakValueDictionary[str, Dataset]" = weakref.WeakValueDictionary()
+
+
 def _lsun(cfg: LSUNConfig, root: Path):
     """root/lsun/<category>_{train,val}_lmdb, resized and centre-cropped as in NCSNv2. Note:
     torchvision's LSUN caches each database's keys in a ``_cache_*`` file in the working
@@ -351,13 +373,18 @@ def _lsun(cfg: LSUNConfig, root: Path):
 
     def load(train: bool) -> Dataset:
         split = f"{cfg.category}_{'train' if train else 'val'}"
-        if not (where / f"{split}_lmdb").is_dir():
+        # The database is the file data.mdb: an empty or half-unzipped folder would otherwise
+        # fail in lmdb.open with "No such file or directory" and no hint.
+        if not (where / f"{split}_lmdb" / "data.mdb").is_file():
             reason = " (torchvision cannot download LSUN)" if cfg.download else ""
             how = (f"download {split}_lmdb.zip with the LSUN tools (github.com/fyu/lsun: "
                    f"download.py -c {cfg.category}) and unzip it in {where}")
-            raise _not_found("LSUN", f"{split}_lmdb/", where, how, reason)
-        transform = _pil_transform(cfg, train, _resize(cfg.image_size))
-        return datasets.LSUN(str(where), classes=[split], transform=transform)
+            raise _not_found("LSUN", f"{split}_lmdb/data.mdb", where, how, reason)
+        key = str(where / f"{split}_lmdb")
+        database = _OPEN_LSUN.get(key)
+        if database is None:
+            database = _OPEN_LSUN[key] = datasets.LSUN(str(where), classes=[split])
+        return _Transformed(database, _pil_transform(cfg, train, _resize(cfg.image_size)))
     return _splits(cfg, load), 3
 
 
