@@ -8,8 +8,7 @@ digits and judge them with a small classifier trained on the real digits.
 Prints a table: training time, sampling time, the classifier's mean max-softmax confidence
 on the samples (and on real held-out digits, for scale), how many of the ten classes the
 samples cover and how evenly, and the Frechet distance in the classifier's feature space.
-The classifier is ncsn.metrics.digits' CNN; without that module a logistic regression
-from scikit-learn stands in (confidence and classes only).
+The classifier is ncsn.metrics.digits' CNN, trained on the digits' training split and cached.
 """
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ from ncsn.checkpoint import load_checkpoint
 from ncsn.config import config_dir, register_configs
 from ncsn.generate import sample_batches, sampler_config
 from ncsn.image_io import save_picture
+from ncsn.metrics.digits import digits_metrics, digits_split, load_digits_classifier
 from ncsn.train import train
 
 
@@ -42,12 +42,8 @@ def train_digits(overrides: list[str], run_dir: Path) -> tuple[Path, float, int]
 
 
 def judge(samples: torch.Tensor) -> dict:
-    """Confidence, class histogram (and FID when ncsn.metrics.digits exists) of (N, 1, 8, 8)
-    digits in [0, 1], with the same numbers for the real held-out digits."""
-    try:
-        from ncsn.metrics.digits import digits_metrics, digits_split, load_digits_classifier
-    except ImportError:
-        return _judge_with_sklearn(samples)
+    """Confidence, class histogram and classifier-feature FID of (N, 1, 8, 8) digits in
+    [0, 1], with the same numbers for real digits."""
     classifier = load_digits_classifier()           # trained once (seconds), then cached
     train_split, _, heldout, _ = digits_split()
     real = digits_metrics(heldout, classifier)
@@ -55,23 +51,6 @@ def judge(samples: torch.Tensor) -> dict:
     real["fid"] = digits_metrics(train_split[:len(heldout)], classifier)["fid"]
     return {"samples": digits_metrics(samples, classifier), "real": real,
             "classifier": "ncsn.metrics.digits CNN"}
-
-
-def _judge_with_sklearn(samples: torch.Tensor) -> dict:
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    digits = load_digits()
-    x, y = digits.data / 16.0, digits.target
-    n_train = int(0.8 * len(x))
-    clf = LogisticRegression(max_iter=2000).fit(x[:n_train], y[:n_train])
-
-    def metrics(images):
-        probs = torch.from_numpy(clf.predict_proba(images.reshape(len(images), -1)))
-        return {"confidence": probs.max(1).values.mean().item(),
-                "histogram": torch.bincount(probs.argmax(1), minlength=10).tolist()}
-    return {"samples": metrics(samples.numpy()), "real": metrics(x[n_train:]),
-            "classifier": "scikit-learn logistic regression"}
 
 
 def table(rows: list[tuple[str, str]]) -> str:

@@ -1,7 +1,5 @@
 """Objectives against closed forms: linear score functions on Gaussian data, and the
 analytic score of sigma-perturbed Gaussian data."""
-import math
-
 import pytest
 import torch
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.nets.mlp import make_activation, sinusoidal_embedding
+from ncsn.nets.mlp import sinusoidal_embedding
 
 NormFactory = Callable[[int], nn.Module]   # number of channels -> a layer called as norm(x, idx)
 

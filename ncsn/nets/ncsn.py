@@ -14,8 +14,8 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ncsn.nets.layers import (REFINENET_STAGES, CondInstanceNorm2dPlus, RefineNet,
-                              make_activation)
+from ncsn.nets.layers import REFINENET_STAGES, CondInstanceNorm2dPlus, RefineNet
+from ncsn.nets.mlp import make_activation
 from ncsn.noise import sigma_index
 
 

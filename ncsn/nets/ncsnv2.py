@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ncsn.nets.layers import (REFINENET_STAGES, InstanceNorm2dPlus, NoNorm, RefineNet,
-                              make_activation, n_subsamplings)
+                              n_subsamplings)
+from ncsn.nets.mlp import make_activation
 
 
 @dataclass
