@@ -229,16 +229,18 @@ class TrainLogger:
 
     def _reset(self):
         self.loss_sum, self.count, self.t0 = 0.0, 0, time.perf_counter()
-        self.level_sum = torch.zeros(len(self.run.sigmas), dtype=torch.float64)
-        self.level_count = torch.zeros(len(self.run.sigmas), dtype=torch.float64)
+        # Kept on the training device: no copy to the host on every step.
+        n, device = len(self.run.sigmas), self.run.device
+        self.level_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.level_count = torch.zeros(n, dtype=torch.float64, device=device)
 
     def update(self, stats: StepStats) -> None:
         self.loss_sum += stats.loss
         self.count += 1
         if stats.labels is not None:
-            labels = stats.labels.cpu()
-            self.level_sum.index_add_(0, labels, stats.per_sample.double().cpu())
-            self.level_count.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+            self.level_sum.index_add_(0, stats.labels, stats.per_sample.double())
+            self.level_count.index_add_(0, stats.labels,
+                                        torch.ones_like(stats.labels, dtype=torch.float64))
         if self.run.step % self.every == 0:
             self.flush(stats)
 
@@ -248,10 +250,11 @@ class TrainLogger:
         w.add_scalar("train/grad_norm", stats.grad_norm, step)
         w.add_scalar("train/lr", stats.lr, step)
         w.add_scalar("train/steps_per_sec", self.count / (time.perf_counter() - self.t0), step)
+        level_sum, level_count = self.level_sum.cpu(), self.level_count.cpu()
         for i in self.levels:
-            if self.level_count[i] > 0:
+            if level_count[i] > 0:
                 w.add_scalar(f"loss_per_sigma/{i:04d}_sigma_{float(self.run.sigmas[i]):.3g}",
-                             self.level_sum[i] / self.level_count[i], step)
+                             level_sum[i] / level_count[i], step)
         self._reset()
 
 
