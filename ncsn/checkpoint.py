@@ -2,7 +2,10 @@
 ``torch.load(path, weights_only=True)``.
 
 Keys: ``format`` ("ncsn"), ``version``, ``step``, ``config`` (the resolved config as a plain
-dict), ``sigmas``, ``data_shape``, ``model``, ``ema`` (state dicts), ``optimizer``, ``rng``.
+dict), ``sigmas``, ``data_shape``, ``model``, ``ema`` (state dicts under the network's own keys;
+``ema`` is None without EMA), ``optimizer``, ``rng``. Version 1 kept ``ema`` as torch's
+AveragedModel state (``module.``-prefixed keys and a counter); version 2 files and later
+keep the plain state dict. Both load.
 Writes are atomic: a temporary file in the same folder, then a rename, so an interrupted
 write never leaves a half-written ``last.pt``.
 """
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-FORMAT, VERSION = "ncsn", 1
+FORMAT, VERSION = "ncsn", 2
 REQUIRED_KEYS = ("step", "config", "sigmas", "data_shape", "model")
 
 

@@ -16,7 +16,7 @@ from ncsn.checkpoint import CheckpointError, load_checkpoint
 from ncsn.config import SCHEMAS
 from ncsn.data.images import IMAGE_DATASETS, image_config, model_space
 from ncsn.image_sampling import TrajectoryRecorder
-from ncsn.train import resolve_device
+from ncsn.train import plain_ema_state, resolve_device
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True,
@@ -27,8 +27,7 @@ def model_from_checkpoint(ckpt: dict, use_ema: bool = True,
     net = registry.build_model(cfg.model, tuple(ckpt["data_shape"]), ckpt["sigmas"])
     state = ckpt["model"]
     if use_ema and ckpt.get("ema") is not None:
-        # torch's AveragedModel keeps the averaged network under "module." plus a counter.
-        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
+        state = plain_ema_state(ckpt["ema"])
     try:
         net.load_state_dict(state)
     except RuntimeError as err:

@@ -91,10 +91,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None = None
     sigmas = sigmas if sigmas is not None else registry.build_sigmas(cfg.noise, data)
     registry.check_sampler(cfg.sampler, cfg.model)
     net = registry.build_model(cfg.model, data.shape, sigmas).to(device)
-    ema = None
-    if cfg.trainer.ema:
-        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.trainer.ema_rate),
-                            use_buffers=True)
+    ema = build_ema(net, cfg.trainer.ema_rate) if cfg.trainer.ema else None
     o = cfg.optim
     optimizer = torch.optim.Adam(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay, amsgrad=o.amsgrad)
@@ -103,6 +100,29 @@ def build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None = None
                objective=registry.build_objective(cfg.loss, cfg.model, sigmas),
                sampler=registry.build_sampler(cfg.sampler, sigmas),
                data_generator=torch.Generator().manual_seed(cfg.seed))
+
+
+# NCSNv2 (Song & Ermon 2020), Technique 5, as its code keeps it (models/ema.py): the
+# shadow starts at the initial weights theta_0 and, after every optimizer step,
+# shadow <- mu shadow + (1 - mu) theta, so after k steps it is
+# mu^k theta_0 + sum_j (1 - mu) mu^(k-j) theta_j.
+def build_ema(net: nn.Module, ema_rate: float) -> AveragedModel:
+    """torch's AveragedModel with the exponential rule, seeded with ``net``'s current weights.
+
+    AveragedModel copies the weights at its first ``update_parameters``; calling it once
+    here, before any optimizer step, makes that copy theta_0, as the reference's shadow.
+    """
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(ema_rate), use_buffers=True)
+    ema.update_parameters(net)
+    return ema
+
+
+def plain_ema_state(state: dict) -> dict:
+    """The EMA weights under the network's own keys. Checkpoints keep them so; older ones
+    (version 1) kept AveragedModel's ``module.``-prefixed keys and its counter."""
+    if "n_averaged" not in state:
+        return state
+    return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
 
 
 def learning_rate(step: int, optim_cfg, n_steps: int) -> float:
@@ -176,14 +196,14 @@ def state_dict(run: Run) -> dict:
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {"step": run.step, "config": to_plain(run.cfg), "sigmas": run.sigmas.cpu(),
             "data_shape": list(run.data.shape), "model": run.net.state_dict(),
-            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "optimizer": run.optimizer.state_dict(), "rng": rng}
 
 
 def load_state(run: Run, ckpt: dict) -> None:
     run.net.load_state_dict(ckpt["model"])
     if run.ema is not None and ckpt.get("ema") is not None:
-        run.ema.load_state_dict(ckpt["ema"])
+        run.ema.module.load_state_dict(plain_ema_state(ckpt["ema"]))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     run.data_generator.set_state(ckpt["rng"]["data"])

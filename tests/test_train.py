@@ -7,6 +7,7 @@ import torch
 
 from ncsn import train as training
 from ncsn.checkpoint import load_checkpoint
+from ncsn.data import infinite_batches
 from ncsn.registry import ConfigError
 from conftest import TINY, compose_train
 
@@ -154,3 +155,35 @@ def test_auto_sigma_rules_measure_the_data(tmp_path):
     assert run.sigmas[0].item() == pytest.approx(torch.cdist(data, data).max().item(), rel=1e-5)
     from ncsn.noise import num_scales_for
     assert len(run.sigmas) == num_scales_for(run.sigmas[0].item(), 0.01, 2)
+
+
+def test_ema_starts_at_the_initial_weights_and_averages_every_step(tmp_path):
+    # NCSNv2's EMA: shadow_0 = theta_0, shadow_k = mu shadow_(k-1) + (1 - mu) theta_k, so
+    # shadow_k = mu^k theta_0 + sum_(j=1..k) (1 - mu) mu^(k-j) theta_j, for every scalar weight.
+    mu, k = 0.9, 6
+    run = training.build_run(compose_train(TINY + [f"trainer.ema_rate={mu}"]), tmp_path)
+    name = next(n for n, _ in run.net.named_parameters())
+    scalar = lambda module: dict(module.named_parameters())[name].detach().flatten()[0].item()
+    thetas = [scalar(run.net)]
+    assert scalar(run.ema.module) == thetas[0]
+    batches = infinite_batches(run.data.train, 64, run.data_generator)
+    for _ in range(k):
+        training.train_step(run, next(batches))
+        thetas.append(scalar(run.net))
+    expected = mu ** k * thetas[0] + sum((1 - mu) * mu ** (k - j) * thetas[j]
+                                         for j in range(1, k + 1))
+    assert scalar(run.ema.module) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert thetas[-1] != pytest.approx(thetas[0])                     # the weight did move
+
+
+def test_checkpoint_keeps_the_ema_as_a_plain_state_dict_and_reads_the_old_form(tmp_path):
+    path = training.train(compose_train(TINY + ["trainer.n_steps=20"]), tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["ema"]) == set(ckpt["model"]) and ckpt["version"] == 2
+    old_form = {f"module.{k}": v for k, v in ckpt["ema"].items()}
+    old_form["n_averaged"] = torch.tensor(21)
+    assert training.plain_ema_state(old_form).keys() == ckpt["ema"].keys()
+    from ncsn.generate import model_from_checkpoint
+    net = model_from_checkpoint({**ckpt, "ema": old_form})
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, ckpt["ema"][key]), key
