@@ -65,19 +65,54 @@ def test_instance_norm_plus_without_alpha_is_affine_instance_norm():
     torch.testing.assert_close(norm(x), reference(x))
 
 
+def instance_norm_plus_written_out(x, gamma, alpha, beta, eps=1e-5):
+    """gamma_k ((x_k - mu_k) / s_k + alpha_k (mu_k - m) / v) + beta_k, element by element:
+    s_k^2 = population variance of channel k + eps, v^2 = UNBIASED variance of the channel
+    means (divisor C - 1) + eps, as the authors' code computes them. gamma, alpha, beta (B, C)."""
+    B, C, H, W = x.shape
+    out = torch.empty_like(x)
+    for b in range(B):
+        mu = [x[b, k].sum() / (H * W) for k in range(C)]
+        m = sum(mu) / C
+        v = (sum((mu_k - m) ** 2 for mu_k in mu) / (C - 1) + eps).sqrt()
+        for k in range(C):
+            s_k = (((x[b, k] - mu[k]) ** 2).sum() / (H * W) + eps).sqrt()
+            out[b, k] = (gamma[b, k] * ((x[b, k] - mu[k]) / s_k + alpha[b, k] * (mu[k] - m) / v)
+                         + beta[b, k])
+    return out
+
+
+def test_instance_norm_plus_is_the_reference_codes_formula():
+    x = (torch.randn(3, 6, 4, 5) * 2 + 5 * torch.randn(3, 6, 1, 1)).double()
+    norm = InstanceNorm2dPlus(6).double()
+    with torch.no_grad():
+        for p in (norm.gamma, norm.beta, norm.alpha):
+            p.normal_()
+    rows = [p[None].expand(3, 6) for p in (norm.gamma, norm.alpha, norm.beta)]
+    torch.testing.assert_close(norm(x), instance_norm_plus_written_out(x, *rows))
+
+
+def test_conditional_instance_norm_plus_is_the_reference_codes_formula():
+    cond = CondInstanceNorm2dPlus(5, num_classes=4).double()
+    with torch.no_grad():
+        for table in (cond.gamma, cond.beta, cond.alpha):
+            table.weight.normal_()
+    x, idx = torch.randn(3, 5, 6, 6, dtype=torch.float64) + 3, torch.tensor([3, 0, 3])
+    expected = instance_norm_plus_written_out(
+        x, cond.gamma.weight[idx], cond.alpha.weight[idx], cond.beta.weight[idx])
+    torch.testing.assert_close(cond(x, idx), expected)
+
+
 def test_instance_norm_plus_keeps_standardised_channel_means():
     # gamma = 1, beta = 0, alpha = 1: each channel's spatial mean is (mu_k - m) / v, so
-    # across channels the spatial means have mean 0 and (population) std 1.
+    # across channels the spatial means have mean 0 and (unbiased, as torch.var) std 1.
     x = torch.randn(3, 6, 4, 4) * 2 + 5 * torch.randn(3, 6, 1, 1)
     norm = InstanceNorm2dPlus(6)
     with torch.no_grad():
         norm.gamma.fill_(1.0), norm.beta.zero_(), norm.alpha.fill_(1.0)
     means = norm(x).mean(dim=(2, 3))                               # (B, C)
     torch.testing.assert_close(means.mean(dim=1), torch.zeros(3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(means.std(dim=1, unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
-    mu = x.mean(dim=(2, 3))
-    torch.testing.assert_close(means, (mu - mu.mean(1, keepdim=True))
-                               / mu.std(1, unbiased=False, keepdim=True), atol=1e-4, rtol=0)
+    torch.testing.assert_close(means.std(dim=1, unbiased=True), torch.ones(3), atol=1e-4, rtol=0)
 
 
 def test_conditional_instance_norm_plus_uses_the_row_of_each_sample():
@@ -193,6 +228,19 @@ def test_ncsnv2_is_an_unconditional_network_divided_by_sigma():
     torch.testing.assert_close(out * sigma[:, None, None, None], body)
     torch.testing.assert_close(out[0] * 0.7, out[1] * 0.02)
     assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("net_class, kwargs", [
+    (NCSN, {}), (NCSNv2, {"depth": "standard"}), (NCSNv2, {"depth": "deeper"})])
+def test_rescale_input_feeds_two_x_minus_one_to_the_same_weights(net_class, kwargs):
+    shape = (3, 8, 8)
+    plain = perturb_(net_class(shape, SIGMAS, ngf=8, **kwargs))
+    mapped = net_class(shape, SIGMAS, ngf=8, rescale_input=True, **kwargs).eval()
+    mapped.load_state_dict(plain.state_dict())
+    x, sigma = torch.rand(4, *shape), SIGMAS[torch.tensor([0, 1, 3, 4])]
+    with torch.no_grad():
+        torch.testing.assert_close(mapped(x, sigma), plain(2 * x - 1, sigma))
+        assert not torch.allclose(mapped(x, sigma), plain(x, sigma), atol=1e-3)
 
 
 @pytest.mark.parametrize("depth, size, coarsest", [("standard", 32, 16), ("deeper", 128, 32),

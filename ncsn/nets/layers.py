@@ -43,18 +43,27 @@ def zero_init(module: nn.Module) -> nn.Module:
 # ============================================================ instance normalization++
 def instance_norm_plus(x: Tensor, gamma: Tensor, beta: Tensor, alpha: Tensor,
                        eps: float = 1e-5) -> Tensor:
-    """z_k = gamma_k (x_k - mu_k) / s_k + beta_k + alpha_k (mu_k - m) / v.
+    """z_k = gamma_k ((x_k - mu_k) / s_k + alpha_k (mu_k - m) / v) + beta_k.
 
-    ``x`` is ``(B, C, H, W)``; ``gamma``, ``beta``, ``alpha`` are ``(B, C)`` or ``(1, C)``.
-    mu_k and s_k are the spatial mean and standard deviation of channel k; m and v the mean
-    and standard deviation of the mu_k over channels. Plain instance normalization forgets
-    the channel means mu_k (NCSN reports colour shifts); the alpha term gives them back.
+    ``x`` is ``(B, C, H, W)`` with C >= 2; ``gamma``, ``beta``, ``alpha`` are ``(B, C)`` or
+    ``(1, C)``. mu_k and s_k are the spatial mean and standard deviation of channel k (s_k
+    with eps inside the root, as torch's instance norm); m and v the mean and standard
+    deviation of the mu_k over the C channels, v = sqrt(var(mu) + eps) with the UNBIASED
+    variance (divisor C - 1), as the authors' code computes it (``torch.var``). Plain
+    instance normalization forgets the channel means mu_k (NCSN reports colour shifts);
+    the alpha term gives them back.
+
+    The NCSN paper (Song & Ermon 2019, Appendix A) prints
+    z_k = gamma_k (x_k - mu_k) / s_k + beta_k + alpha_k (mu_k - m) / v, with alpha outside
+    gamma's reach; the authors' code (ncsn and ncsnv2 repositories) scales the alpha term
+    by gamma as well. This follows the code.
     """
     mu = x.mean(dim=(2, 3))                                             # (B, C)
     m = mu.mean(dim=1, keepdim=True)                                    # (B, 1)
-    v = (mu.var(dim=1, keepdim=True, unbiased=False) + eps).sqrt()      # (B, 1)
-    shift = beta + alpha * (mu - m) / v                                 # (B, C)
-    return gamma[:, :, None, None] * F.instance_norm(x, eps=eps) + shift[:, :, None, None]
+    v = (mu.var(dim=1, keepdim=True, unbiased=True) + eps).sqrt()       # (B, 1)
+    m_hat = (mu - m) / v                                                # (B, C)
+    h = F.instance_norm(x, eps=eps) + (m_hat * alpha)[:, :, None, None]
+    return gamma[:, :, None, None] * h + beta[:, :, None, None]
 
 
 # NCSN (Song & Ermon 2019), Section 3.1 and Appendix A: conditional instance normalization++.

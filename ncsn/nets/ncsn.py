@@ -24,6 +24,7 @@ class NCSNConfig:
     name: str = "ncsn"
     ngf: int = 128                   # base width; the paper uses 128 (CIFAR-10, CelebA), 64 (MNIST)
     activation: str = "elu"
+    rescale_input: bool = False      # h = 2x - 1 before the first conv (data in [0, 1])
 
 
 # NCSN (Song & Ermon 2019), Section 3.1 and Appendix A: s_theta(x, sigma_i), a 4-cascaded
@@ -37,14 +38,19 @@ class NCSN(nn.Module):
             noise levels. Kept as a buffer, so it travels with the checkpoint.
         ngf: base width (stages of ngf, 2 ngf, 2 ngf, 2 ngf channels).
         activation: nonlinearity name (NCSN: ``"elu"``).
+        rescale_input: feed ``2x - 1`` to the first convolution. The authors' code does so
+            whenever the data is not logit-transformed, i.e. on data in [0, 1]; the paper
+            does not mention it. Not foldable into the first convolution: its zero padding
+            sees the border as 0 in one space and as -1 in the other.
     """
 
     def __init__(self, shape: tuple[int, int, int], sigmas: Tensor, ngf: int = 128,
-                 activation: str = "elu"):
+                 activation: str = "elu", rescale_input: bool = False):
         super().__init__()
         channels, height, width = shape
         if min(height, width) < 2:
             raise ValueError(f"NCSN subsamples once and needs images of at least 2x2, got {shape}")
+        self.rescale_input = rescale_input
         self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float32).clone())
         norm = partial(CondInstanceNorm2dPlus, num_classes=len(self.sigmas))
         self.refinenet = RefineNet(channels, ngf, REFINENET_STAGES["standard"], norm=norm,
@@ -52,5 +58,6 @@ class NCSN(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         """``x`` of shape ``(B, C, H, W)``, ``sigma`` of shape ``(B,)`` -> ``(B, C, H, W)``."""
-        return self.refinenet(x, sigma_index(sigma, self.sigmas))
+        h = 2 * x - 1 if self.rescale_input else x
+        return self.refinenet(h, sigma_index(sigma, self.sigmas))
 

@@ -21,6 +21,7 @@ class NCSNv2Config:
     ngf: int = 128                   # base width (NCSNv2 uses 128 on every dataset)
     depth: str = "standard"          # standard (32-64 px) | deeper (96-128 px) | deepest (256 px)
     activation: str = "elu"
+    rescale_input: bool = False      # h = 2x - 1 before the first conv (data in [0, 1])
 
 
 # NCSNv2 (Song & Ermon 2020), Appendix B and Technique 3: RefineNet(x) / sigma, with
@@ -37,10 +38,14 @@ class NCSNv2(nn.Module):
             ``"deeper"`` (5 stages up to 4 ngf, 2 subsamplings; 96-128 px) or
             ``"deepest"`` (6 stages up to 4 ngf, 3 subsamplings; 256 px).
         activation: nonlinearity name (NCSNv2: ``"elu"``).
+        rescale_input: feed ``2x - 1`` to the first convolution. The authors' code does so
+            whenever the data is neither rescaled to [-1, 1] nor logit-transformed, i.e. on
+            data in [0, 1]; the paper does not mention it.
     """
 
     def __init__(self, shape: tuple[int, int, int], sigmas: Tensor | None = None,
-                 ngf: int = 128, depth: str = "standard", activation: str = "elu"):
+                 ngf: int = 128, depth: str = "standard", activation: str = "elu",
+                 rescale_input: bool = False):
         super().__init__()
         if depth not in REFINENET_STAGES:
             raise ValueError(f"depth must be one of {sorted(REFINENET_STAGES)}, got {depth!r}")
@@ -51,11 +56,13 @@ class NCSNv2(nn.Module):
             raise ValueError(f"NCSNv2 depth={depth!r} halves the image "
                              f"{n_subsamplings(stages)} times and needs at least "
                              f"{smallest}x{smallest} pixels, got {shape}")
+        self.rescale_input = rescale_input
         self.refinenet = RefineNet(channels, ngf, stages, norm=InstanceNorm2dPlus,
                                    refine_norm=NoNorm, act=make_activation(activation),
                                    pool="max")
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         """``x`` of shape ``(B, C, H, W)``, ``sigma`` of shape ``(B,)`` -> ``(B, C, H, W)``."""
-        out = self.refinenet(x)
+        h = 2 * x - 1 if self.rescale_input else x
+        out = self.refinenet(h)
         return out / sigma.to(out.dtype)[:, None, None, None]
