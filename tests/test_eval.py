@@ -102,6 +102,36 @@ def test_sample_files_read_every_layout_in_batches(tmp_path):
     assert points.kind == "points" and torch.cat(list(points.batches(4))).shape == (9, 2)
 
 
+def test_sample_folders_read_every_extension_pytorch_fid_reads(tmp_path):
+    # pytorch-fid's IMAGE_EXTENSIONS: bmp jpg jpeg pgm png ppm tif tiff webp. The lossless
+    # ones must give back the written pixels exactly; greyscale .pgm reads as one channel.
+    g = np.random.default_rng(3)
+    rgb = g.integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)
+    lossless = {".bmp": {}, ".png": {}, ".ppm": {}, ".tif": {}, ".tiff": {},
+                ".webp": {"lossless": True}}
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for n, (suffix, options) in enumerate(lossless.items()):
+        for i, image in enumerate(rgb):
+            Image.fromarray(image).save(folder / f"{n}{i}{suffix}", **options)
+    Image.fromarray(rgb[0]).save(folder / "90.jpg", quality=100, subsampling=0)
+    Image.fromarray(rgb[1]).save(folder / "91.jpeg", quality=100, subsampling=0)
+    (folder / "notes.txt").write_text("not an image")
+    files = ev.SampleFiles(folder)
+    assert len(files) == 2 * len(lossless) + 2 and files.shape == (3, 6, 5)
+    batch = torch.cat(list(files.batches(5)))
+    expected = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(batch[:-2], expected.repeat(len(lossless), 1, 1, 1))
+    assert (batch[-2:] - expected).abs().max() < 0.05                 # JPEG: nearly
+    grey = g.integers(0, 256, (3, 4, 4), dtype=np.uint8)
+    (tmp_path / "grey").mkdir()
+    for i, image in enumerate(grey):
+        Image.fromarray(image).save(tmp_path / "grey" / f"{i}.pgm")
+    pgm = ev.SampleFiles(tmp_path / "grey")
+    assert pgm.shape == (1, 4, 4)
+    assert torch.equal(torch.cat(list(pgm.batches(2))), torch.from_numpy(grey)[:, None] / 255)
+
+
 def test_sample_files_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="samples not found"):
         ev.SampleFiles(tmp_path / "nowhere")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA
 
+from ncsn import evaluate as ev
 from ncsn.data.toy import GaussianMixture
 from ncsn.metrics import (FeatureStats, InceptionWeightsNotFound, digits_metrics,
                           energy_distance, extract_features, fid_inception_v3,
@@ -103,6 +104,27 @@ def test_inception_score_even_one_hot_is_k():
     labels = torch.arange(splits * k * 3) % k                      # every split holds each class
     one_hot = nn.functional.one_hot(labels, k).double()
     assert inception_score(one_hot, splits=splits) == pytest.approx((k, 0.0), abs=1e-9)
+
+
+def test_inception_score_cuts_its_splits_where_openais_code_does():
+    # N = 205 rows in 10 splits: OpenAI's improved-GAN code (and torch-fidelity) take rows
+    # [i*205//10, (i+1)*205//10) = 0:20, 20:41, 41:61, 61:82, ..., so the 21-row parts fall
+    # at i = 1, 3, 5, 7, 9; tensor_split would give the first five parts 21 rows instead.
+    n, splits = 205, 10
+    logits = torch.randn(n, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    bounds = [(0, 20), (20, 41), (41, 61), (61, 82), (82, 102), (102, 123), (123, 143),
+              (143, 164), (164, 184), (184, 205)]
+    scores = []
+    for start, end in bounds:
+        p = logits[start:end].softmax(1).numpy()
+        py = p.mean(0, keepdims=True)
+        scores.append(np.exp((p * (np.log(p) - np.log(py))).sum(1).mean()))
+    assert inception_score(logits, splits=splits) == pytest.approx(
+        (np.mean(scores), np.std(scores)), rel=1e-12)
+    stream = ev.InceptionScoreStream(n, splits=splits)
+    for chunk in logits.split(16):
+        stream.update(chunk)
+    assert stream.result() == pytest.approx((np.mean(scores), np.std(scores)), rel=1e-10)
 
 
 def test_inception_score_logits_equal_probs():

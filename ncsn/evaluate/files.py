@@ -14,7 +14,9 @@ from torch import Tensor
 
 from ncsn.registry import ConfigError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# The extensions pytorch-fid reads from a folder (its IMAGE_EXTENSIONS), so a folder scored
+# there is scored here from the same files.
+IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 class SampleFiles:
@@ -58,7 +60,8 @@ class SampleFiles:
             if images:
                 return [], images
         raise FileNotFoundError(f"no samples in {self.path}: expected shards/*.npz or *.npz "
-                                f"(array 'samples'), images/*.png or *.png")
+                                f"(array 'samples'), or images/ or the folder itself holding "
+                                f"{', '.join('*' + s for s in IMAGE_SUFFIXES)} files")
 
     def __len__(self) -> int:
         return self._length

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ncsn.evaluate.options import EvalOptions
 from ncsn.metrics import FeatureStats
+from ncsn.metrics.scores import split_bounds
 from ncsn.registry import ConfigError
 
 
@@ -39,7 +40,7 @@ class Reservoir:
 class InceptionScoreStream:
     """The Inception Score of N logits seen in batches, equal to
     ``ncsn.metrics.inception_score`` on all of them: the N rows are cut in order into
-    ``splits`` parts, and per part
+    ``splits`` parts at OpenAI's boundaries (``split_bounds``), and per part
 
         IS = exp( E_x KL(p(y|x) || p(y)) ) = exp( E_x sum_y p log p - sum_y p(y) log p(y) )
 
@@ -49,8 +50,7 @@ class InceptionScoreStream:
         if n_total < splits:
             raise ConfigError(f"the Inception Score with eval.is_splits={splits} needs at least "
                               f"{splits} samples, got {n_total}")
-        sizes = [len(part) for part in torch.arange(n_total).tensor_split(splits)]
-        self.ends = torch.tensor(sizes).cumsum(0)                              # (splits,)
+        self.ends = torch.tensor([end for _, end in split_bounds(n_total, splits)])  # (splits,)
         self.n_total, self.seen = n_total, 0
         self.count = torch.zeros(splits, dtype=torch.float64)
         self.sum_plogp = torch.zeros(splits, dtype=torch.float64)

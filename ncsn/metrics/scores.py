@@ -23,13 +23,24 @@ def _looks_like_probs(a: Tensor) -> bool:
     return bool((a >= 0).all() and torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4))
 
 
+def split_bounds(n: int, splits: int) -> list[tuple[int, int]]:
+    """Row ranges [i N // splits, (i + 1) N // splits) of the Inception Score's parts.
+
+    Where ``splits`` does not divide N, these are OpenAI's improved-GAN code's and
+    torch-fidelity's boundaries (the longer parts fall where the floor steps), not
+    ``tensor_split``'s (the first N % splits parts one row longer).
+    """
+    return [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+
+
 def inception_score(logits_or_probs: np.ndarray | Tensor, splits: int = 10,
                     probs: bool | None = None) -> tuple[float, float]:
     """Inception Score exp( E_x KL(p(y|x) || p(y)) ) (Salimans et al. 2016, section 4).
 
     logits_or_probs: (N, K) classifier logits or class probabilities; ``probs=None`` takes
     rows that are non-negative and sum to one as probabilities, anything else as logits.
-    As in the reference code, the N rows are cut in order into ``splits`` parts, the
+    As in the reference code, the N rows are cut in order into ``splits`` parts at
+    :func:`split_bounds`, the
     marginal p(y) is the mean of p(y|x) within each part, and the mean and (population)
     standard deviation of the per-part scores are returned. Computed in float64.
     """
@@ -40,7 +51,8 @@ def inception_score(logits_or_probs: np.ndarray | Tensor, splits: int = 10,
     log_p = torch.log(a) if is_probs else torch.log_softmax(a, dim=1)           # (N, K)
     p = log_p.exp()
     scores = []
-    for part_p, part_log_p in zip(p.tensor_split(splits), log_p.tensor_split(splits)):
+    for start, end in split_bounds(len(a), splits):
+        part_p, part_log_p = p[start:end], log_p[start:end]                      # (n_i, K)
         log_py = part_p.mean(0).log()                                            # (K,)
         # KL(p(y|x) || p(y)) = sum_y p (log p - log p(y)); 0 log 0 = 0
         kl = torch.where(part_p > 0, part_p * (part_log_p - log_py), 0.0).sum(1)
