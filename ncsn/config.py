@@ -138,7 +138,7 @@ class SamplerInitConfig:
 @dataclass
 class LangevinConfig(SamplerInitConfig):
     name: str = "langevin"
-    step_size: float = 1e-4
+    step_size: float = 5e-5
     n_steps: int = 1000
     sigma: Optional[float] = None    # the sigma given to a conditional network; null: sigma_end
 

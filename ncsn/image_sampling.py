@@ -25,6 +25,7 @@ from ncsn.sampling import annealed_langevin, annealed_step_sizes, quiet
 
 Map = Callable[[Tensor], Tensor]
 MASKS = ("half", "center", "random")
+RENOISE = ("level", "step")
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -67,44 +68,58 @@ def masked_picture(images: Tensor, mask: Tensor, fill: float = 0.5) -> Tensor:
 
 # ----------------------------------------------------------------------------- inpainting
 class KnownPixels:
-    """The ``known(x, i)`` callback of annealed Langevin for inpainting (NCSN, Section 5):
-    at noise level i the known pixels hold y + sigma_i z, with z drawn once per level, so
-    that they look like the data perturbed to that level; the unknown pixels are left to
-    the chain.
+    """The ``known(x, i)`` callback of annealed Langevin for inpainting: before every step at
+    noise level i the known pixels are set to y + sigma_i z, data perturbed to that level,
+    and the unknown pixels are left to the chain.
+
+    ``renoise`` says when z is drawn: ``"level"``, once per noise level (the NCSN paper's
+    inpainting algorithm and ermongroup/ncsn's ``anneal_Langevin_dynamics_inpainting``), or
+    ``"step"``, afresh before every step (ermongroup/ncsnv2's). z has one entry per known
+    value, drawn in row-major order, so that with the reference's half mask the draws are
+    the reference's, in the same order.
 
     ``y``: known images in model space ``(B, C, H, W)``; ``mask``: ``(B or 1, 1 or C, H, W)``,
-    True = known.
+    True = known; ``sigmas``: ``(L,)``.
     """
 
-    def __init__(self, y: Tensor, mask: Tensor, sigmas: Tensor):
-        self.y, self.mask, self.sigmas = y, mask.to(y.device).bool(), sigmas
+    def __init__(self, y: Tensor, mask: Tensor, sigmas: Tensor, renoise: str = "level"):
+        if renoise not in RENOISE:
+            raise ValueError(f"renoise must be one of {', '.join(RENOISE)}, got {renoise!r}")
+        self.where = mask.to(y.device).bool().expand_as(y)            # (B, C, H, W)
+        self.y_known = y[self.where]                                    # (N_known,)
+        self.sigmas, self.renoise = sigmas.to(y), renoise
         self.level, self.perturbed = None, None
 
     def __call__(self, x: Tensor, i: int) -> Tensor:
-        if i != self.level:
+        if self.renoise == "step" or i != self.level:
             self.level = i
-            self.perturbed = self.y + self.sigmas[i].to(self.y) * torch.randn_like(self.y)
-        return torch.where(self.mask, self.perturbed, x)
+            self.perturbed = self.y_known + torch.randn_like(self.y_known) * self.sigmas[i]
+        return x.masked_scatter(self.where, self.perturbed)
 
 
 @torch.no_grad()
 def inpaint(net: nn.Module, images: Tensor, mask: Tensor, sigmas: Tensor, step_lr: float,
-            n_steps_each: int, denoise: bool = True, x_init: Tensor | None = None,
-            to_model: Map = _identity, to_data: Map = _identity,
+            n_steps_each: int, denoise: bool = False, x_init: Tensor | None = None,
+            to_model: Map = _identity, to_data: Map = _identity, renoise: str = "level",
             progress: bool = False) -> Tensor:
-    """Fill in the unknown pixels of ``images`` with annealed Langevin dynamics (NCSN,
-    Section 5 and Algorithm 1 with the known pixels clamped to perturbed data).
+    """Fill in the unknown pixels of ``images`` with annealed Langevin dynamics whose known
+    pixels are set to perturbed data before every step (NCSN, Section 5; the reference
+    code's ``anneal_Langevin_dynamics_inpainting``).
 
     Args:
         net: a score network ``net(x, sigma)`` in model space.
         images: ``(B, C, H, W)`` in data space; only the known pixels are read.
         mask: ``(B or 1, 1 or C, H, W)`` booleans, True where a pixel is known.
         sigmas: the noise table ``(L,)``, largest first.
-        step_lr, n_steps_each, denoise: annealed Langevin's epsilon, steps per level and
-            final denoising step.
+        step_lr, n_steps_each: annealed Langevin's step size (the code's convention, see
+            :mod:`ncsn.sampling`) and steps per level.
+        denoise: a final step x + sigma_L^2 s(x, sigma_L) after the known pixels are set
+            once more; the reference's inpainting chains have none.
         x_init: starting points ``(B, C, H, W)`` in model space; default ``to_model`` of
-            uniform noise on [0, 1] (NCSN's initialisation).
+            uniform noise on [0, 1] (the reference's initialisation).
         to_model, to_data: the maps from data space to model space and back.
+        renoise: ``"level"`` (NCSN's code: the known pixels' noise is drawn once per level)
+            or ``"step"`` (NCSNv2's code: drawn afresh before every step).
 
     Returns ``(B, C, H, W)`` completions in data space whose known pixels equal ``images``
     exactly (they are pasted back after the last step, in data space).
@@ -113,21 +128,19 @@ def inpaint(net: nn.Module, images: Tensor, mask: Tensor, sigmas: Tensor, step_l
     y = to_model(images)
     if x_init is None:
         x_init = to_model(torch.rand_like(images))
-    known = KnownPixels(y, mask, sigmas.to(y.device))
-    x = known(x_init.to(y.device), 0)                    # the chain starts with level 0's data
-    x = annealed_langevin(net, x, sigmas.to(y.device), step_lr, n_steps_each, denoise,
-                          progress=progress, known=known)
+    known = KnownPixels(y, mask, sigmas.to(y.device), renoise)
+    x = annealed_langevin(net, x_init.to(y.device), sigmas.to(y.device), step_lr, n_steps_each,
+                          denoise, progress=progress, known=known)
     return torch.where(mask, images, to_data(x))
 
 
 # ----------------------------------------------------------------------------- interpolation
 def _circle_weights(n: int, device) -> tuple[Tensor, Tensor]:
-    """(cos theta_k, sin theta_k) for theta_k = (pi / 2) k / (n - 1), with the end points
-    exactly (1, 0) and (0, 1), so that the first and last chains are plain chains."""
-    theta = torch.linspace(0.0, math.pi / 2, n, dtype=torch.float64)
-    cos, sin = theta.cos(), theta.sin()
-    cos[0], sin[0], cos[-1], sin[-1] = 1.0, 0.0, 0.0, 1.0
-    return cos.float().to(device), sin.float().to(device)
+    """(cos theta_k, sin theta_k) for theta_k = (pi / 2) k / (n - 1), computed in float32 on
+    ``device`` as NCSNv2's code does: chain 0 gets exactly (1, 0); the last chain gets
+    (cos(pi/2) = -4.4e-8 in float32, 1), a plain chain up to that round-off."""
+    theta = torch.linspace(0.0, math.pi / 2, n, device=device)
+    return theta.cos(), theta.sin()
 
 
 def _mix(a: Tensor, b: Tensor, cos: Tensor, sin: Tensor, center: float = 0.0) -> Tensor:
@@ -140,7 +153,7 @@ def _mix(a: Tensor, b: Tensor, cos: Tensor, sin: Tensor, center: float = 0.0) ->
 
 @torch.no_grad()
 def interpolate(net: nn.Module, sigmas: Tensor, start: Tensor, step_lr: float,
-                n_steps_each: int, n_interpolations: int = 10, denoise: bool = True,
+                n_steps_each: int, n_interpolations: int = 10, denoise: bool = False,
                 end: Tensor | None = None, interpolate_noise: bool = True,
                 center: float = 0.0, generator: torch.Generator | None = None,
                 progress: bool = False) -> Tensor:
@@ -151,8 +164,10 @@ def interpolate(net: nn.Module, sigmas: Tensor, start: Tensor, step_lr: float,
     k/(K-1). Every step of every chain draws its noise as cos theta_k z_p + sin theta_k z_q
     from two noises z_p, z_q shared by the row (still N(0, I), so each chain is a correct
     annealed Langevin chain); neighbouring chains see nearly the same noise and end as
-    nearby samples. Chain 0 sees z_p alone and chain K-1 z_q alone: the two end points are
-    independent samples.
+    nearby samples. Chain 0 sees z_p alone and chain K-1 z_q alone (up to float32's
+    cos(pi/2) = -4.4e-8, as in the reference): the two end points are independent samples.
+    The step is the code's x + a_i s + sqrt(2 a_i) z; z_p, z_q are drawn after the score,
+    in the reference's order; like the reference, no denoising step unless ``denoise``.
 
     Args:
         start: ``(R, C, H, W)`` starting points in model space, shared by a row's chains.
@@ -190,7 +205,7 @@ def interpolate(net: nn.Module, sigmas: Tensor, start: Tensor, step_lr: float,
     for i in tqdm(range(len(sigmas)), desc="interpolation", disable=quiet(progress), leave=False):
         sigma = sigmas[i].expand(x.shape[0])
         for _ in range(n_steps_each):
-            x = x + 0.5 * alphas[i] * net(x, sigma) + alphas[i].sqrt() * noise()
+            x = x + alphas[i] * net(x, sigma) + noise() * (2 * alphas[i]).sqrt()
     if denoise:
         x = x + sigmas[-1] ** 2 * net(x, sigmas[-1].expand(x.shape[0]))
     return x.reshape(rows, k, *start.shape[1:])
@@ -204,7 +219,7 @@ class TrajectoryRecorder:
     thousand levels stays small.
 
     Use: ``recorder.start(x)``, pass ``known=recorder`` to :func:`annealed_langevin` (it
-    sees the chain after every step and returns it unchanged), ``recorder.finish(x)``.
+    sees the chain before every step and returns it unchanged), ``recorder.finish(x)``.
     """
 
     def __init__(self, n_chains: int = 16, to_data: Map = _identity, every: int = 1):
@@ -212,22 +227,21 @@ class TrajectoryRecorder:
             raise ValueError(f"every must be at least 1, got {every}")
         self.n_chains, self.to_data, self.every = n_chains, to_data, every
         self.frames: list[Tensor] = []
-        self.level, self.last = 0, None
+        self.level = 0
 
     def _snapshot(self, x: Tensor) -> None:
         images = self.to_data(x[:self.n_chains].detach()).clamp(0, 1)
         self.frames.append(images.mul(255).add(0.5).floor().to(torch.uint8).cpu())
 
     def start(self, x: Tensor) -> None:
-        self.frames, self.level, self.last = [], 0, None
+        self.frames, self.level = [], 0
         self._snapshot(x)
 
     def __call__(self, x: Tensor, i: int) -> Tensor:
-        if i != self.level:                                      # level self.level ended
+        if i != self.level:                       # x is the chain at the end of self.level
             if self.level % self.every == 0:
-                self._snapshot(self.last)
+                self._snapshot(x)
             self.level = i
-        self.last = x
         return x
 
     def finish(self, x: Tensor) -> None:
