@@ -79,6 +79,48 @@ def test_known_pixels_are_the_data_perturbed_once_per_level():
     assert abs(known(x, 2).std().item() - SIGMAS[2].item()) < 0.01
 
 
+def test_known_pixels_renoised_every_step_draw_one_normal_per_known_value():
+    # NCSNv2's inpainting: before every step y + sigma_i z on the known half only, z drawn
+    # with the shape of the known half, (B, C, H, W/2), so the draws are the reference's.
+    y, mask = images(n=3, c=2), make_mask("half", (3, 2, 8, 8))
+    known = KnownPixels(y, mask, SIGMAS, renoise="step")
+    x = torch.full_like(y, 7.0)
+    torch.manual_seed(3)
+    first, second = known(x, 2), known(x, 2)
+    torch.manual_seed(3)
+    z1, z2 = torch.randn(3, 2, 8, 4), torch.randn(3, 2, 8, 4)
+    assert torch.equal(first[..., :4], y[..., :4] + z1 * SIGMAS[2])
+    assert torch.equal(second[..., :4], y[..., :4] + z2 * SIGMAS[2])
+    assert (first[..., 4:] == 7.0).all() and (second[..., 4:] == 7.0).all()
+    with pytest.raises(ValueError, match="level, step"):
+        KnownPixels(y, mask, SIGMAS, renoise="never")
+
+
+@pytest.mark.parametrize("renoise", ["level", "step"])
+def test_inpainting_is_the_reference_loop_written_out(renoise):
+    # The reference's anneal_Langevin_dynamics_inpainting on the left half. NCSN: per level,
+    # y~ = y + sigma z drawn once; T times: known <- y~, then z, grad, x + a grad + sqrt(2a) z.
+    # NCSNv2: T times: y~ drawn afresh, known <- y~, then z, grad, the same update.
+    y, x0 = images(n=2, c=3), torch.rand(2, 3, 8, 8)
+    step_lr, n_steps_each = 1e-3, 3
+    torch.manual_seed(5)
+    out = inpaint(gaussian_score, y, make_mask("half", y.shape), SIGMAS, step_lr, n_steps_each,
+                  denoise=False, x_init=x0.clone(), renoise=renoise)
+    torch.manual_seed(5)
+    x = x0.clone()
+    for sigma in SIGMAS:
+        a = step_lr * (sigma / SIGMAS[-1]) ** 2
+        corrupted = y[..., :4] + torch.randn(2, 3, 8, 4) * sigma
+        for step in range(n_steps_each):
+            if renoise == "step" and step > 0:
+                corrupted = y[..., :4] + torch.randn(2, 3, 8, 4) * sigma
+            x[..., :4] = corrupted
+            grad = gaussian_score(x, sigma.expand(2))
+            x = x + a * grad + torch.randn_like(x) * (2 * a).sqrt()
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    assert torch.equal(out[..., :4], y[..., :4])
+
+
 def test_inpainting_fills_the_unknown_pixels_from_the_model():
     # The exact score of N(0.5, 0.1^2 I) has independent pixels: whatever the known half, the
     # unknown pixels end as N(0.5, 0.1^2 + sigma_L^2), the last level's perturbed data.
@@ -86,7 +128,7 @@ def test_inpainting_fills_the_unknown_pixels_from_the_model():
     mask = make_mask("half", y.shape)
     torch.manual_seed(0)
     sigmas = torch.tensor([1.0, 0.5, 0.25, 0.1, 0.05])
-    out = inpaint(gaussian_score, y, mask, sigmas, step_lr=2e-3, n_steps_each=100,
+    out = inpaint(gaussian_score, y, mask, sigmas, step_lr=1e-3, n_steps_each=100,
                   denoise=False)
     filled = out[..., 4:]
     assert abs(filled.mean().item() - 0.5) < 0.005
@@ -121,6 +163,27 @@ def test_interpolation_end_points_do_not_depend_on_the_number_of_steps_between()
     shared = interpolate(zero_score, SIGMAS, start, 1e-3, 3, 4, denoise=False, end=end,
                          interpolate_noise=False, center=0.5)
     assert torch.allclose(shared[:, 0] - start, shared[:, -1] - end, atol=1e-6)
+
+
+def test_interpolation_is_the_reference_loop_written_out():
+    # NCSNv2's anneal_Langevin_dynamics_interpolation: every row's start repeated K times;
+    # every step: grad, then z_p and z_q of shape (R, C, H, W), noise = z_p cos t + z_q sin t
+    # with t = linspace(0, pi/2, K) in float32, x + a grad + noise sqrt(2a); no denoising.
+    start, step_lr, n_steps_each, k = torch.rand(2, 1, 4, 4), 1e-3, 2, 3
+    torch.manual_seed(9)
+    out = interpolate(gaussian_score, SIGMAS, start, step_lr, n_steps_each, k)
+    torch.manual_seed(9)
+    x = start[:, None].repeat(1, k, 1, 1, 1).reshape(-1, 1, 4, 4)
+    angles = torch.linspace(0, math.pi / 2, k)
+    for sigma in SIGMAS:
+        a = step_lr * (sigma / SIGMAS[-1]) ** 2
+        for _ in range(n_steps_each):
+            grad = gaussian_score(x, sigma.expand(len(x)))
+            z_p, z_q = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+            noise = (z_p[:, None] * angles.cos()[None, :, None, None, None]
+                     + z_q[:, None] * angles.sin()[None, :, None, None, None])
+            x = x + a * grad + noise.reshape(-1, 1, 4, 4) * (2 * a).sqrt()
+    assert torch.equal(out.reshape(-1, 1, 4, 4), x)
 
 
 # ----------------------------------------------------------------------------- streams
