@@ -1,0 +1,97 @@
+"""docs/REPRODUCING.md: its table of the papers' setups is what the experiment files compose
+to, key by key, and the preprocessing it names computes what the reference runners do."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from ncsn.config import config_dir
+from ncsn.data.images import UniformDequantize
+from conftest import REPO, compose_train
+
+DOC = REPO / "docs" / "REPRODUCING.md"
+HEADER = ["experiment", "key", "value", "reference", "reference value"]
+NOT_A_KEY = "—"                       # a reference setting that ncsn has no key for
+ABSENT = object()
+
+# The keys every setup's table must list (issue 7, part 4).
+REQUIRED = {"dataset.image_size", "dataset.random_flip", "dataset.rescaled",
+            "dataset.logit_transform", "dataset.uniform_dequantization", "model.name",
+            "model.ngf", "model.rescale_input", "noise.sigma_begin", "noise.sigma_end",
+            "noise.num_scales", "loss.anneal_power", "optim.lr", "optim.betas", "optim.eps",
+            "optim.weight_decay", "optim.amsgrad", "trainer.batch_size", "trainer.n_steps",
+            "trainer.ema", "trainer.ckpt_every", "sampler.step_lr", "sampler.n_steps_each",
+            "sampler.denoise", "sampler.init", "sampler.init_low", "sampler.init_high"}
+
+
+def setup_rows(markdown: str) -> list[tuple[str, str, object]]:
+    """``(experiment, key, value)`` for each row of the tables headed by ``HEADER`` whose key
+    is an ncsn key; values are read as YAML (``true``, ``1.0e-4``, ``[0.9, 0.999]``)."""
+    rows, in_table = [], False
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            in_table = False
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells == HEADER:
+            in_table = True
+        elif in_table and not set(cells[0]) <= {"-"}:
+            experiment, key, value = (cell.strip("`") for cell in cells[:3])
+            if key != NOT_A_KEY:
+                rows.append((experiment, key, yaml.safe_load(value)))
+    return rows
+
+
+ROWS = setup_rows(DOC.read_text(encoding="utf-8"))
+DOCUMENTED = sorted({experiment for experiment, _, _ in ROWS})
+
+
+def test_the_table_reader_reads_only_ncsn_keys_of_setup_tables():
+    text = "\n".join([
+        "| a | b |", "|---|---|", "| x | y |", "",
+        "| " + " | ".join(HEADER) + " |", "|---|---|---|---|---|",
+        "| e | `optim.betas` | `[0.9, 0.999]` | f.yml: optim.beta1 | 0.9 |",
+        "| e | — | 3 | f.yml: data.channels | 3 |",
+        "| e | `sampler.step_lr` | `6.2e-6` | f.yml: sampling.step_lr | 0.0000062 |"])
+    assert setup_rows(text) == [("e", "optim.betas", [0.9, 0.999]),
+                                ("e", "sampler.step_lr", 6.2e-6)]
+
+
+def test_every_paper_experiment_has_its_table():
+    papers = {p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml")
+              if p.stem.startswith("ncsn") or p.stem == "mnist"}
+    assert set(DOCUMENTED) == papers
+
+
+@pytest.mark.parametrize("experiment", DOCUMENTED)
+def test_each_table_lists_the_setup_keys(experiment):
+    listed = {key for name, key, _ in ROWS if name == experiment}
+    assert REQUIRED <= listed, f"{experiment} lacks {sorted(REQUIRED - listed)}"
+
+
+@pytest.mark.parametrize("experiment", DOCUMENTED)
+def test_the_experiment_composes_to_the_documented_values(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    for name, key, documented in ROWS:
+        if name != experiment:
+            continue
+        got = OmegaConf.select(cfg, key, default=ABSENT)
+        assert got is not ABSENT, f"{experiment}: no key {key}"
+        if OmegaConf.is_config(got):
+            got = OmegaConf.to_container(got)
+        assert got == documented, (f"experiment={experiment}: {key} is {got!r}, "
+                                   f"docs/REPRODUCING.md says {documented!r}")
+
+
+def test_uniform_dequantization_is_the_ncsn_runners():
+    """ncsn's ``(255 x + u) / 256`` against ermongroup/ncsn's anneal_runner, which adds
+    ``x * 255/256 + u/256`` to every batch, with the same draws u ~ U(0, 1)."""
+    x = torch.randint(0, 256, (4, 3, 32, 32)).float() / 255
+    torch.manual_seed(7)
+    ours = UniformDequantize(256)(x)
+    torch.manual_seed(7)
+    u = torch.rand_like(x)
+    reference = x * 255 / 256 + u / 256
+    torch.testing.assert_close(ours, reference, rtol=0, atol=2 ** -23)
