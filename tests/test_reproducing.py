@@ -2,13 +2,16 @@
 to, key by key, and the preprocessing it names computes what the reference runners do."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
+from PIL import Image
+from torchvision import transforms
 
 from ncsn.config import config_dir
-from ncsn.data.images import UniformDequantize
+from ncsn.data.images import UniformDequantize, build_image_data
 from conftest import REPO, compose_train
 
 DOC = REPO / "docs" / "REPRODUCING.md"
@@ -95,3 +98,23 @@ def test_uniform_dequantization_is_the_ncsn_runners():
     u = torch.rand_like(x)
     reference = x * 255 / 256 + u / 256
     torch.testing.assert_close(ours, reference, rtol=0, atol=2 ** -23)
+
+
+@pytest.mark.parametrize("crop_size,image_size,photo", [
+    (140, 64, (178, 218)),      # NCSNv2's CelebA: CenterCrop(140), Resize(64)
+    (140, 32, (178, 218)),      # NCSN's CelebA: CenterCrop(140), Resize(32)
+    (None, 96, (341, 256))])    # NCSNv2's LSUN: Resize(s), CenterCrop(s)
+def test_crop_and_resize_are_the_reference_runners(tmp_path, crop_size, image_size, photo):
+    """ncsn's crop and resize (the steps of its CelebA, LSUN and image-folder loaders) give
+    the tensor of the reference's torchvision chain, written out, on the same picture."""
+    pixels = np.random.default_rng(0).integers(0, 256, (photo[1], photo[0], 3), dtype=np.uint8)
+    for folder in ("train/faces", "test/faces"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.fromarray(pixels).save(tmp_path / folder / "0.png")
+    data = build_image_data({"name": "image_folder", "root": str(tmp_path), "path": "train",
+                             "test_path": "test", "image_size": image_size,
+                             "crop_size": crop_size, "random_flip": False, "num_workers": 0})
+    steps = ([transforms.CenterCrop(crop_size), transforms.Resize(image_size)] if crop_size
+             else [transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+    reference = transforms.Compose([*steps, transforms.ToTensor()])(Image.fromarray(pixels))
+    assert torch.equal(data.test[0][0], reference)
