@@ -56,7 +56,8 @@ def test_langevin_samples_a_gaussian_from_its_score():
     x = torch.randn(4000, 2) * 3
     out = langevin(lambda y: -(y - mu) / s ** 2, x, step_size=a, n_steps=3000)
     torch.testing.assert_close(out.mean(0), mu, atol=0.03, rtol=0)
-    # The discretised chain's stationary variance 2a / (1 - (1 - a/s^2)^2) = s^2 / (1 - a / (2 s^2)).
+    # The discretised chain's stationary variance 2a / (1 - (1 - a/s^2)^2)
+    # = s^2 / (1 - a / (2 s^2)).
     expected_std = s / math.sqrt(1 - a / (2 * s ** 2))
     assert out.std(0).max().item() == pytest.approx(expected_std, rel=0.04)
 
