@@ -106,10 +106,12 @@ def build_reference(refs: dict, layout: str, config: argparse.Namespace):
 
 @torch.no_grad()
 def perturb_(net: torch.nn.Module, std: float = 0.1) -> None:
-    """Noise on every parameter, so that near-equal per-level embeddings and the order of
-    gamma, alpha, beta inside them show in the output."""
-    for p in net.parameters():
-        p.add_(std * torch.randn_like(p))
+    """Noise on the normalization parameters (initialised to constants, near-equal across
+    levels), so that the order of gamma, alpha, beta and each level's row show in the
+    output. The convolutions keep their random initialisation."""
+    for name, p in net.named_parameters():
+        if name.endswith(("embed.weight", "gamma", "alpha", "beta")):
+            p.add_(std * torch.randn_like(p))
 
 
 def save_reference_run(net, layout: str, tree: dict, folder: Path, step: int = 1234) -> tuple:
@@ -130,6 +132,9 @@ def save_reference_run(net, layout: str, tree: dict, folder: Path, step: int = 1
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, both outputs finite."""
+    if not (a.isfinite().all() and b.isfinite().all()):
+        raise SystemExit("an output is not finite; the comparison would mean nothing")
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -165,15 +170,16 @@ def compare(label, layout, data, model, batch, refs, langevin=False) -> list[flo
                                 ref.double()(x.double(), labels)))
         torch.set_default_dtype(torch.float32)
         ours.float(), ref.float()
-        if ema is not None:
-            ours_ema = model_from_checkpoint(ckpt, use_ema=True)
+        if ema is not None:                        # from here on: the EMA weights
+            ours = model_from_checkpoint(ckpt, use_ema=True)
             ref.load_state_dict({**ref.state_dict(), **ema})
-            results.append(relative(ours_ema(x, sigma), ref(x, labels)))
+            results.append(relative(ours(x, sigma), ref(x, labels)))
     line = f"{label:50s} float32 {results[0]:.2e}  float64 {results[1]:.2e}"
     if ema is not None:
         line += f"  EMA float32 {results[2]:.2e}"
     if langevin:
-        line += f"  Langevin max |diff| {chain_difference(refs, layout, ref, ours, ckpt):.2e}"
+        diff, scale = chain_difference(refs, layout, ref, ours, ckpt)
+        line += f"  Langevin max |diff| {diff:.2e} (max |x| {scale:.3g})"
     print(line, flush=True)
     return results
 
@@ -195,7 +201,7 @@ def chain_difference(refs, layout, ref, ours, ckpt) -> float:
     with torch.no_grad():
         mine = annealed_langevin(ours, x0.clone(), ckpt["sigmas"], step_lr, n_steps,
                                  denoise=sampler["denoise"])
-    return float((mine - theirs).abs().max())
+    return float((mine - theirs).abs().max()), float(theirs.abs().max())
 
 
 def main() -> None:
