@@ -345,8 +345,7 @@ def import_reference(src: str | os.PathLike, config: str | os.PathLike) -> dict:
     ref_cfg = load_reference_config(config)
     cfg = translate_config(ref_cfg, loaded["layout"])
     sigmas = _sigma_table(loaded["model"], ref_cfg["model"])
-    shape = (ref_cfg["data"]["channels"], ref_cfg["data"]["image_size"],
-             ref_cfg["data"]["image_size"])
+    shape = _data_shape(ref_cfg["data"])
     net = registry.build_model(OmegaConf.create(cfg["model"]), shape, sigmas)
     ema = loaded["ema"]
     return {"format": FORMAT, "version": VERSION, "step": loaded["step"], "config": cfg,
@@ -354,6 +353,12 @@ def import_reference(src: str | os.PathLike, config: str | os.PathLike) -> dict:
             "model": import_state(loaded["model"], net),
             "ema": import_state(ema, net) if ema is not None else None,
             "source": {"layout": loaded["layout"], "checkpoint": str(src), "config": str(config)}}
+
+
+def _data_shape(data: dict) -> tuple[int, int, int]:
+    if "channels" not in data:
+        raise ConfigError("the reference config lacks the key 'channels' (data section)")
+    return (int(data["channels"]), int(data["image_size"]), int(data["image_size"]))
 
 
 def _sigma_table(state: dict[str, Tensor], model_cfg: dict) -> Tensor:

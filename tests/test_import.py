@@ -315,3 +315,11 @@ def test_arguments_are_the_three_keys():
         "src": "a.pth", "config": "c.yml", "out": "o.pt"}
     with pytest.raises(ConfigError, match="unknown argument 'step=3'"):
         parse_args(["src=a", "config=b", "out=c", "step=3"])
+
+
+def test_config_without_a_needed_key_names_it(tmp_path):
+    _, _, src, _ = write_ncsnv2_run(tmp_path, ncsnv2_config())
+    for section, key in (("data", "channels"), ("model", "sigma_begin"), ("sampling", "step_lr")):
+        tree = ncsnv2_config()
+        del tree[section][key]
+        import_fails(src, write_config(tmp_path / "bad.yml", tree), f"lacks the key '{key}'")
