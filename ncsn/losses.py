@@ -9,12 +9,59 @@ noise-conditional network is called as ``net(x, sigma)`` with ``sigma`` of shape
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 ScoreFn = Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------- random draws
+# Every random number an objective uses comes from `_randn` or `_randint`. Inside
+# `batch_shard`, they draw for the whole global batch and keep this process's rows, so that
+# data-parallel ranks, each holding rows start:stop of the global batch, see exactly the
+# labels and noise one process would draw for those rows, and the global RNG advances alike
+# on every rank.
+_SHARD: ContextVar[tuple[int, int, int] | None] = ContextVar("ncsn_batch_shard", default=None)
+
+
+@contextmanager
+def batch_shard(rows: slice, global_batch: int):
+    """Objectives called inside see rows ``rows`` of a global batch of ``global_batch``."""
+    token = _SHARD.set((rows.start, rows.stop, global_batch))
+    try:
+        yield
+    finally:
+        _SHARD.reset(token)
+
+
+def _global_draw(draw: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...]) -> Tensor:
+    """``draw(shape)``, or, inside a batch shard, this shard's rows of the global draw."""
+    shard = _SHARD.get()
+    if shard is None:
+        return draw(shape)
+    start, stop, global_batch = shard
+    if shape[0] != stop - start:
+        raise ValueError(f"a batch of {shape[0]} inside a shard of {stop - start} rows")
+    return draw((global_batch, *shape[1:]))[start:stop]
+
+
+def _randn(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """Standard normals of ``shape`` (batch first), on ``like``'s device and dtype."""
+    return _global_draw(lambda s: torch.randn(s, device=like.device, dtype=like.dtype), shape)
+
+
+def _randint(high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """Integers uniform on {0, ..., high - 1} of ``shape`` (batch first)."""
+    return _global_draw(lambda s: torch.randint(0, high, s, device=device), shape)
+
+
+def draw_labels(n: int, n_levels: int, device: torch.device) -> Tensor:
+    """One noise level per sample, uniform over the table: indices of shape ``(n,)``."""
+    return _randint(n_levels, (n,), device)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -56,9 +103,9 @@ def score_matching(score_fn: ScoreFn, x: Tensor, max_dim: int = 1024,
 def _projections(shape: tuple[int, ...], kind: str, like: Tensor) -> Tensor:
     """Random projection vectors v with E[v v^T] = I (not normalised to the sphere)."""
     if kind == "gaussian":
-        return torch.randn(shape, device=like.device, dtype=like.dtype)
+        return _randn(shape, like)
     if kind == "rademacher":
-        return torch.randint(0, 2, shape, device=like.device).to(like.dtype) * 2 - 1
+        return _randint(2, shape, like.device).to(like.dtype) * 2 - 1
     raise ValueError(f"projection must be 'gaussian' or 'rademacher', got {kind!r}")
 
 
@@ -95,16 +142,14 @@ def denoising_score_matching(score_fn: ScoreFn, x: Tensor, sigma: float | Tensor
 
     ``sigma`` is a float or a tensor broadcastable to ``x`` (one value per sample).
     """
-    x_tilde = x + sigma * torch.randn_like(x)
+    x_tilde = x + sigma * _randn(tuple(x.shape), x)
     target = -(x_tilde - x) / sigma ** 2                          # grad log q_sigma(x_tilde | x)
     per_sample = 0.5 * (score_fn(x_tilde) - target).flatten(1).pow(2).sum(dim=1)
     return _reduce(per_sample, reduction)
 
 
 def _draw_labels(x: Tensor, sigmas: Tensor, labels: Tensor | None) -> Tensor:
-    if labels is None:
-        labels = torch.randint(0, len(sigmas), (x.shape[0],), device=x.device)
-    return labels
+    return labels if labels is not None else draw_labels(x.shape[0], len(sigmas), x.device)
 
 
 def _per_sample_sigma(x: Tensor, sigmas: Tensor, labels: Tensor) -> Tensor:
@@ -144,6 +189,6 @@ def annealed(objective: Callable[..., Tensor], net: Callable[[Tensor, Tensor], T
     """
     labels = _draw_labels(x, sigmas, labels)
     sigma = _per_sample_sigma(x, sigmas, labels)
-    x_tilde = x + _broadcast(sigma, x) * torch.randn_like(x)
+    x_tilde = x + _broadcast(sigma, x) * _randn(tuple(x.shape), x)
     per_sample = objective(lambda y: net(y, sigma), x_tilde, reduction="none", **kwargs)
     return _reduce(per_sample * sigma ** anneal_power, reduction)

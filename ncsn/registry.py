@@ -151,7 +151,7 @@ def build_objective(loss_cfg, model_cfg, sigmas: Tensor) -> Objective:
         raise ConfigError(f"unknown loss {name!r}")
 
     def annealed_objective(net, x):
-        labels = torch.randint(0, len(sigmas), (x.shape[0],), device=x.device)
+        labels = losses.draw_labels(x.shape[0], len(sigmas), x.device)
         return per_sample(net, x, labels), labels
     return annealed_objective
 

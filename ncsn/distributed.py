@@ -1,0 +1,223 @@
+"""Data-parallel training over several processes (torch.distributed, DDP).
+
+One process per device. Ranks come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or from a SLURM step's (``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is the first host of ``SLURM_JOB_NODELIST``,
+the port is derived from ``SLURM_JOB_ID``). Without either, everything here is a no-op for a
+single process: ``rank() == 0``, ``world_size() == 1``, ``is_main()``.
+
+The backend is gloo for CPU tensors and NCCL for CUDA tensors. Every rank draws the same
+global batch and the same random numbers (see ``ncsn.losses.batch_shard``) and keeps its own
+disjoint rows, so a run over N processes follows the single process with the same global batch.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+
+import torch
+import torch.distributed as dist
+
+# A rank that waits longer than this in a collective (a peer that hangs, or rank 0 drawing
+# pictures while the others wait for the next step) fails instead of hanging forever.
+TIMEOUT = timedelta(minutes=30)
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed; the message is that rank's one line, ``exit_code`` its status."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _slurm_master(env) -> tuple[str, str]:
+    """The first host of the job (``scontrol show hostnames``) and a port from the job id."""
+    nodes = env["SLURM_JOB_NODELIST"]
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                               capture_output=True, text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        hosts = [nodes.split(",")[0]]              # a plain host name: no brackets to expand
+    port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    return hosts[0], str(port)
+
+
+def process_env(env=None) -> dict | None:
+    """rank, world_size, local_rank, master_addr, master_port of this process, or None for a
+    single process. torchrun's variables win over SLURM's; SLURM's count only inside an
+    ``srun`` step (``SLURM_STEP_NUM_TASKS``), not in the batch script itself."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        found = {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                 "local_rank": int(env.get("LOCAL_RANK", 0)),
+                 "master_addr": env.get("MASTER_ADDR", "127.0.0.1"),
+                 "master_port": env.get("MASTER_PORT", "29500")}
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        addr, port = _slurm_master(env)
+        found = {"rank": int(env["SLURM_PROCID"]),
+                 "world_size": int(env.get("SLURM_NTASKS", env["SLURM_STEP_NUM_TASKS"])),
+                 "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                 "master_addr": env.get("MASTER_ADDR", addr),
+                 "master_port": env.get("MASTER_PORT", port)}
+    else:
+        return None
+    return found if found["world_size"] > 1 else None
+
+
+def init_distributed() -> bool:
+    """Join the process group when started as one of several ranks; True when distributed.
+
+    Idempotent. CUDA processes use the GPU ``LOCAL_RANK``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return True
+    found = process_env()
+    if found is None:
+        return False
+    os.environ.setdefault("MASTER_ADDR", found["master_addr"])
+    os.environ.setdefault("MASTER_PORT", found["master_port"])
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(found["local_rank"])
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, init_method="env://", rank=found["rank"],
+                            world_size=found["world_size"], timeout=TIMEOUT)
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    found = process_env() if is_distributed() else None
+    return found["local_rank"] if found else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes logs, pictures, TensorBoard and checkpoints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(global_batch: int) -> slice:
+    """This rank's rows of a global batch: equal, disjoint, in rank order."""
+    n = world_size()
+    if global_batch % n != 0:
+        from ncsn.registry import ConfigError
+        raise ConfigError(f"trainer.batch_size={global_batch} is the global batch and must split "
+                          f"evenly over the {n} processes; use a multiple of {n}")
+    size = global_batch // n
+    return slice(rank() * size, (rank() + 1) * size)
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def exit_code(err: BaseException) -> int:
+    """The status ``ncsn-train`` exits with for ``err`` (see ``ncsn.cli.common.run_cli``)."""
+    from ncsn.checkpoint import CheckpointError
+    from ncsn.registry import ConfigError
+
+    return 2 if isinstance(err, (ConfigError, CheckpointError, FileNotFoundError)) else 1
+
+
+@contextmanager
+def all_or_none():
+    """Run a block on every rank; when it fails on any rank, it fails on all of them: the
+    failing rank re-raises its own error, the others raise :class:`RankFailed` with the
+    failing rank's message. One all-gather at the end of the block; use it around work that
+    has no collectives inside (building a run, loading a checkpoint), so that a rank that
+    fails there cannot leave the others waiting in a collective."""
+    error = None
+    try:
+        yield
+    except Exception as err:            # re-raised below, on this rank unchanged
+        error = err
+    if is_distributed():
+        reports = [None] * world_size()
+        mine = None if error is None else (str(error), exit_code(error))
+        dist.all_gather_object(reports, mine)
+        failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
+        if failed and error is None:
+            r, (message, code) = failed[0]
+            raise RankFailed(f"rank {r}: {message}", code)
+    if error is not None:
+        raise error
+
+
+class StopVote:
+    """Agree on when to stop after a signal, without waiting on the network in the step.
+
+    Each step hands this rank's wish to stop to an asynchronous all-reduce (gloo, a CPU
+    tensor) and reads the previous step's result: every rank sees the same votes at the
+    same step, one step after the first rank's signal, and stops there.
+    """
+
+    def __init__(self):
+        self.pending = None
+        self.flag = torch.zeros(1, dtype=torch.int32)
+
+    def __call__(self, wants_stop: bool) -> bool:
+        """True (on every rank alike) when some rank asked to stop."""
+        if not is_distributed():
+            return wants_stop
+        stop = False
+        if self.pending is not None:
+            self.pending.wait()
+            stop = bool(self.flag.item() > 0)
+        self.flag = torch.tensor([int(wants_stop)], dtype=torch.int32)
+        self.pending = None if stop else dist.all_reduce(self.flag, async_op=True)
+        return stop
+
+    def close(self) -> None:
+        """Wait for the last vote, so no collective is left open when the loop ends."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+
+@contextmanager
+def rank_zero_clock():
+    """Hydra names a run's folder after ``${now:...}``, read by each process at its own time;
+    inside this block every rank reads rank 0's time, so all of them agree on one folder.
+    (Hydra's resolver calls ``datetime.now()`` in ``hydra.core.utils``; it is pinned there.)"""
+    if not is_distributed():
+        yield
+        return
+    import hydra.core.utils as hydra_utils
+
+    t0 = broadcast_object(datetime.now())
+
+    class RankZeroDatetime(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return t0
+
+    original = hydra_utils.datetime
+    hydra_utils.datetime = RankZeroDatetime
+    try:
+        yield
+    finally:
+        hydra_utils.datetime = original
