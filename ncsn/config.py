@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from ncsn.data.images import IMAGE_DATASETS
 from ncsn.nets.ncsn import NCSNConfig
@@ -255,3 +255,6 @@ def register_configs() -> None:
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+    # configs/hydra/launcher/slurm.yaml: one SLURM task per GPU, one task on a CPU-only node
+    OmegaConf.register_new_resolver("ncsn_tasks_per_node", lambda gpus: max(1, gpus or 0),
+                                    replace=True)

@@ -2,7 +2,8 @@
 as ``eval_schema``; the metric options (``eval.*``) are :class:`ncsn.evaluate.EvalOptions`.
 
 The default output folder sits next to what is scored: ``RUN_DIR/eval/DATE_TIME`` for
-``ckpt=RUN_DIR/checkpoints/X.pt`` and ``run=RUN_DIR``, ``eval/DATE_TIME`` in the working
+``ckpt=RUN_DIR/checkpoints/X.pt`` and ``run=RUN_DIR``, ``MULTIRUN_DIR/eval/DATE_TIME`` for
+``sweep=MULTIRUN_DIR``, ``eval/DATE_TIME`` in the working
 directory for ``samples=`` and the stats sub-command (the ``ncsn_eval_dir`` resolver).
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ class EvalConfig:
     ckpt: Optional[str] = None       # score a checkpoint: draw n_samples with its sampler
     samples: Optional[str] = None    # score samples on disk: .npz, folder of .npz shards or PNGs
     run: Optional[str] = None        # score every RUN_DIR/checkpoints/step_*.pt (a sweep)
+    sweep: Optional[str] = None      # tabulate a multirun (ncsn-train -m): every job's
+                                     # overrides, final step, test loss and metrics
     metric: Any = "auto"             # fid | is | kid | digits | swd | energy | score_error, a
                                      # list [fid,is,kid], or auto (fid; digits; swd + energy)
     n_samples: int = FID_SAMPLES     # samples drawn from each checkpoint
@@ -39,8 +42,11 @@ class EvalConfig:
     sampler: Any = None              # sampler.KEY=VALUE overrides the checkpoint's sampler
 
 
-def eval_dir(ckpt: Optional[str], run: Optional[str], stamp: str) -> str:
+def eval_dir(ckpt: Optional[str], run: Optional[str], stamp: str,
+             sweep: Optional[str] = None) -> str:
     """The default output folder (see the module docstring)."""
+    if sweep is not None:
+        return str(Path(sweep) / "eval" / stamp)
     if run is not None:
         return str(Path(run) / "eval" / stamp)
     if ckpt is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ncsn.checkpoint import load_checkpoint
 from ncsn.evaluate.files import SampleFiles
+from ncsn.evaluate.multirun import format_sweep_table, sweep_table, write_sweep_table
 from ncsn.evaluate.options import EvalOptions, as_dict, as_options, parse_metrics
 from ncsn.evaluate.reference import (inception_reference, reference_from_batches,
                                      reference_from_dataset, save_reference, stats_cache_path)
@@ -22,17 +23,20 @@ def run(cfg, out_dir: str | Path, sampler_overrides: dict | None = None,
         sampler_replace: dict | None = None) -> dict:
     """Everything ``ncsn-eval`` does, from a composed :class:`ncsn.eval_config.EvalConfig`:
     ``mode=stats`` computes reference statistics; otherwise exactly one of ``ckpt``,
-    ``samples`` or ``run`` is scored. Prints the results, writes them to ``out_dir`` and
-    returns what metrics.json holds."""
+    ``samples`` or ``run`` is scored, or ``sweep`` (a multirun folder) is tabulated. Prints
+    the results, writes them to ``out_dir`` and returns what metrics.json holds."""
     options = as_options(cfg.eval)
     if cfg.mode == "stats":
         return run_stats(cfg, out_dir, options)
     if cfg.mode != "score":
         raise ConfigError(f"mode must be score or stats, got {cfg.mode!r}")
-    given = [k for k in ("ckpt", "samples", "run") if cfg.get(k) is not None]
+    given = [k for k in ("ckpt", "samples", "run", "sweep") if cfg.get(k) is not None]
     if len(given) != 1:
-        raise ConfigError("give one of ckpt=PATH, samples=DIR_OR_NPZ or run=RUN_DIR "
-                          f"(got {', '.join(given) or 'none'}); or ncsn-eval stats dataset=NAME")
+        raise ConfigError("give one of ckpt=PATH, samples=DIR_OR_NPZ, run=RUN_DIR or "
+                          f"sweep=MULTIRUN_DIR (got {', '.join(given) or 'none'}); or "
+                          "ncsn-eval stats dataset=NAME")
+    if cfg.get("sweep") is not None:
+        return _multirun(cfg.sweep, Path(out_dir))
     draw = Draw(cfg.n_samples, cfg.batch_size, cfg.seed, dict(sampler_overrides or {}),
                 sampler_replace, cfg.use_ema, cfg.device)
     out_dir = Path(out_dir)
@@ -44,6 +48,15 @@ def run(cfg, out_dir: str | Path, sampler_overrides: dict | None = None,
         tools, metrics = _prepare(cfg, options, ckpt)
         return _report(score_checkpoint(ckpt, metrics, draw, tools, path), out_dir)
     return _sweep(cfg, options, draw, out_dir)
+
+
+def _multirun(multirun_dir: str, out_dir: Path) -> dict:
+    """The table of a multirun's jobs (see :mod:`ncsn.evaluate.multirun`)."""
+    rows = sweep_table(multirun_dir)
+    print(format_sweep_table(rows), flush=True)
+    path = write_sweep_table(rows, out_dir)
+    print(f"wrote {path}", flush=True)
+    return {"jobs": [vars(r) for r in rows]}
 
 
 def _report(scores: Scores, out_dir: Path) -> dict:
