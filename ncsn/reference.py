@@ -325,7 +325,9 @@ def _translate(ref: dict, layout: str) -> dict:
         optim=OptimConfig(lr=optim.get("lr", 1e-3), betas=[optim.get("beta1", 0.9), 0.999],
                           eps=optim.get("eps", 1e-8), weight_decay=optim.get("weight_decay", 0.0),
                           amsgrad=optim.get("amsgrad", False)),
-        trainer=TrainerConfig(n_steps=training.get("n_iters", 200001),
+        # The runners stop after step n_iters = N + 1 without saving it; their last
+        # checkpoint, and ncsn's experiment files, end at N.
+        trainer=TrainerConfig(n_steps=training.get("n_iters", 200001) - 1,
                               batch_size=training.get("batch_size", 128),
                               ema=bool(model.get("ema", False)),
                               ema_rate=model.get("ema_rate", 0.999),

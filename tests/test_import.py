@@ -172,6 +172,7 @@ def test_ncsn_checkpoint_round_trip(tmp_path):
     assert cfg["dataset"]["name"] == "cifar10" and cfg["dataset"]["uniform_dequantization"]
     assert cfg["noise"] == {**cfg["noise"], "sigma_begin": 1.0, "sigma_end": 0.01, "num_scales": 4}
     assert cfg["sampler"]["step_lr"] == 2e-5 and cfg["sampler"]["n_steps_each"] == 100
+    assert cfg["trainer"]["n_steps"] == 200000            # n_iters 200001: the last saved step
     assert not cfg["sampler"]["denoise"] and not cfg["trainer"]["ema"]
     # exp(linspace(log 1, log 0.01, 4)) in float64, then float32, as both runners compute it
     expected = torch.tensor(np.exp(np.linspace(np.log(1.0), np.log(0.01), 4))).float()
