@@ -31,3 +31,4 @@ def test_built_wheel_carries_the_configs(tmp_path):
     assert "ncsn-train = ncsn.cli.train:main" in scripts
     assert "ncsn-sample = ncsn.cli.sample:main" in scripts
     assert "ncsn-eval = ncsn.cli.eval:main" in scripts
+    assert "ncsn-import = ncsn.cli.import_:main" in scripts
