@@ -175,7 +175,8 @@ class TrainerConfig:
     ema_rate: float = 0.999
     ckpt_every: int = 1000
     keep_last: int = 3                   # step checkpoints kept besides last.pt
-    resume: bool = False
+    resume: Any = "auto"                 # auto (resume from the run dir's last.pt if there is
+                                         # one, else start fresh) | true | false
     log_every: int = 50
     sample_every: int = 0                # pictures and test loss every N steps; 0: at the end only
     n_plot_samples: int = 1000

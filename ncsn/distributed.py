@@ -12,6 +12,7 @@ disjoint rows, so a run over N processes follows the single process with the sam
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from contextlib import contextmanager
@@ -167,35 +168,74 @@ def all_or_none():
         raise error
 
 
+FAILURE_KEY = "ncsn/first_failure"
+
+
+def first_failure(err: Exception) -> Exception:
+    """The error this rank should stop with after ``err`` in the training loop.
+
+    A rank that fails posts its message in the process group's key-value store, before it
+    exits; the ranks that then lose it inside a collective (gloo: "Connection closed by
+    peer") find that message and stop with it (:class:`RankFailed`), so the run ends with the
+    first failing rank's one line on every rank. Without the store (the rank that hosted it
+    is gone), ``err`` itself.
+    """
+    if not is_distributed():
+        return err
+    mine = json.dumps([rank(), str(err), exit_code(err)])
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=10))
+        first = json.loads(store.compare_set(FAILURE_KEY, "", mine).decode() or mine)
+    except Exception:               # the store went with the rank that failed
+        return err
+    failed_rank, message, code = first
+    return err if failed_rank == rank() else RankFailed(f"rank {failed_rank}: {message}", code)
+
+
 class StopVote:
     """Agree on when to stop after a signal, without waiting on the network in the step.
 
-    Each step hands this rank's wish to stop to an asynchronous all-reduce (gloo, a CPU
-    tensor) and reads the previous step's result: every rank sees the same votes at the
-    same step, one step after the first rank's signal, and stops there.
+    Each step hands this rank's signal number (0: none) to an asynchronous all-reduce (MAX,
+    gloo, a CPU tensor) and reads the previous step's result: every rank sees the same vote
+    at the same step, one step after the first rank's signal, and stops there.
     """
 
     def __init__(self):
         self.pending = None
-        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.votes = torch.zeros(1, dtype=torch.int32)
 
-    def __call__(self, wants_stop: bool) -> bool:
-        """True (on every rank alike) when some rank asked to stop."""
+    def __call__(self, signum: int | None) -> int | None:
+        """The signal to stop for, the same on every rank; None: go on."""
         if not is_distributed():
-            return wants_stop
-        stop = False
+            return signum
+        agreed = None
         if self.pending is not None:
             self.pending.wait()
-            stop = bool(self.flag.item() > 0)
-        self.flag = torch.tensor([int(wants_stop)], dtype=torch.int32)
-        self.pending = None if stop else dist.all_reduce(self.flag, async_op=True)
-        return stop
+            agreed = int(self.votes.item()) or None
+        self.votes = torch.tensor([signum or 0], dtype=torch.int32)
+        self.pending = None
+        if agreed is None:
+            self.pending = dist.all_reduce(self.votes, op=dist.ReduceOp.MAX, async_op=True)
+        return agreed
 
     def close(self) -> None:
         """Wait for the last vote, so no collective is left open when the loop ends."""
         if self.pending is not None:
             self.pending.wait()
             self.pending = None
+
+
+def data_parallel(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``net`` wrapped in DistributedDataParallel when distributed (it starts from rank 0's
+    weights and averages the gradients over the ranks: with equal shards, the mean of the
+    ranks' batch means is the global batch mean); ``net`` itself otherwise."""
+    if not is_distributed():
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=device_ids)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -17,11 +18,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from ncsn import registry, viz
+from ncsn import distributed, losses, registry, viz
 from ncsn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ncsn.data import Data, first_tensor, infinite_batches
 from ncsn.image_io import enlarge
@@ -34,7 +36,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint was written before stopping."""
+    """SIGINT, SIGTERM, SIGUSR1 or SIGUSR2 arrived; a checkpoint was written before stopping."""
 
     def __init__(self, signum: int, step: int, path: Path):
         self.signum, self.step, self.path = signum, step, path
@@ -48,6 +50,12 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise registry.ConfigError(f"trainer.device={name} but no CUDA device is available; "
                                    f"use trainer.device=cpu or auto")
+    if distributed.is_distributed() and name.startswith("cuda"):
+        if name != "cuda":
+            raise registry.ConfigError(f"trainer.device={name} names one GPU, but each of the "
+                                       f"{distributed.world_size()} processes takes its own "
+                                       f"(LOCAL_RANK); use trainer.device=cuda or auto")
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -75,13 +83,30 @@ class Run:
     writer: SummaryWriter | None = field(default=None, repr=False)
 
     @property
+    def module(self) -> nn.Module:
+        """The network itself: ``net`` without its DistributedDataParallel wrapper."""
+        return self.net.module if isinstance(self.net, DistributedDataParallel) else self.net
+
+    @property
     def sampling_net(self) -> nn.Module:
         """The EMA weights when kept (samples use them), the raw weights otherwise."""
-        return self.ema.module if self.ema is not None else self.net
+        return self.ema.module if self.ema is not None else self.module
 
 
 def build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None = None) -> Run:
-    """Build data, sigma table, network, EMA, optimizer, objective and sampler from ``cfg``."""
+    """Build data, sigma table, network, EMA, optimizer, objective and sampler from ``cfg``.
+
+    Under torch.distributed every rank builds the same run (same seed); a failure on one
+    rank fails all of them with its message; the network is then wrapped in
+    DistributedDataParallel, which averages the gradients over the ranks.
+    """
+    with distributed.all_or_none():
+        run = _build_run(cfg, run_dir, sigmas)
+    run.net = distributed.data_parallel(run.net, run.device)
+    return run
+
+
+def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> Run:
     torch.manual_seed(cfg.seed)
     if cfg.trainer.num_threads is not None:
         # Small networks on a busy CPU run far faster on one thread than on contended ones.
@@ -192,35 +217,57 @@ def train_step(run: Run, x: Tensor) -> StepStats:
 def state_dict(run: Run) -> dict:
     """The run as a checkpoint: tensors, numbers, strings and the config as a plain dict."""
     rng = {"torch": torch.get_rng_state(), "data": run.data_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if run.device.type == "cuda":
+        # The training GPU's generator (each rank's own, equal on all ranks).
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
     return {"step": run.step, "config": to_plain(run.cfg), "sigmas": run.sigmas.cpu(),
-            "data_shape": list(run.data.shape), "model": run.net.state_dict(),
+            "data_shape": list(run.data.shape), "model": run.module.state_dict(),
             "ema": run.ema.module.state_dict() if run.ema is not None else None,
             "optimizer": run.optimizer.state_dict(), "rng": rng}
 
 
 def load_state(run: Run, ckpt: dict) -> None:
-    run.net.load_state_dict(ckpt["model"])
+    run.module.load_state_dict(ckpt["model"])
     if run.ema is not None and ckpt.get("ema") is not None:
         run.ema.module.load_state_dict(plain_ema_state(ckpt["ema"]))
     run.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     run.data_generator.set_state(ckpt["rng"]["data"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    cuda_rng = ckpt["rng"].get("cuda")
+    if cuda_rng is not None and run.device.type == "cuda":
+        # Older checkpoints kept every visible GPU's state; the first was the training GPU's.
+        torch.cuda.set_rng_state(cuda_rng[0] if isinstance(cuda_rng, list) else cuda_rng,
+                                 run.device)
     run.step = ckpt["step"]
 
 
 def save(run: Run) -> Path:
-    path = save_checkpoint(state_dict(run), run.run_dir / "checkpoints", run.cfg.trainer.keep_last)
+    """Write the step's checkpoint and ``last.pt`` (rank 0 only). Returns the file written."""
+    ckpt_dir = run.run_dir / "checkpoints"
+    if not distributed.is_main():
+        return ckpt_dir / "last.pt"
+    path = save_checkpoint(state_dict(run), ckpt_dir, run.cfg.trainer.keep_last)
     log.info("step %d: checkpoint %s", run.step, path)
     return path
 
 
-def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> dict:
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.is_file():
+def resume_mode(value) -> str:
+    """trainer.resume as "auto" (resume when the run directory holds last.pt, else start
+    fresh), "true" (resume, fail without last.pt) or "false" (start fresh)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value not in ("auto", "true", "false"):
+        raise registry.ConfigError(f"trainer.resume must be auto, true or false, got {value!r}")
+    return value
+
+
+def _resume_checkpoint(cfg: DictConfig, path: Path, found: bool) -> dict | None:
+    """The checkpoint to resume from (None: start fresh); ``found``: whether ``path``,
+    the run's last.pt, exists (rank 0's answer, the same on every rank)."""
+    mode = resume_mode(cfg.trainer.resume)
+    if mode == "false" or (mode == "auto" and not found):
+        return None
+    if not found:
         raise CheckpointError(f"trainer.resume=true but there is no {path}; pass "
                               f"hydra.run.dir=<the run to resume>")
     ckpt = load_checkpoint(path)
@@ -354,19 +401,43 @@ def _report_points(run: Run, samples: Tensor, trajectory: Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- the loop
+# SIGTERM: a preemption (SLURM, Kubernetes, torchrun stopping its workers); SIGUSR1 / SIGUSR2:
+# the warning SLURM sends before the time limit (sbatch --signal; submitit asks for USR2).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 @contextmanager
 def _stop_on_signals(run: Run):
-    """SIGINT / SIGTERM ask the loop to checkpoint and stop after the current step; a second
-    SIGINT interrupts at once."""
+    """The stop signals ask the loop to checkpoint and stop after the current step; a second
+    SIGINT interrupts at once. Yields the handlers found before (submitit's, which requeue
+    the job), to be called once the checkpoint is written."""
     def request_stop(signum, frame):
         run.stop_signal = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, request_stop) for s in STOP_SIGNALS}
     try:
-        yield
+        yield previous
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _stop(run: Run, signum: int, previous_handler) -> TrainingInterrupted:
+    """Checkpoint, wait until every rank is here (the file is complete before any process
+    exits), hand the signal to the handler that was there before ours (submitit's requeues
+    the job and exits), and say why the run stopped."""
+    path = save(run)
+    distributed.barrier()
+    if callable(previous_handler) and previous_handler is not signal.default_int_handler:
+        previous_handler(signum, None)
+    return TrainingInterrupted(signum, run.step, path)
+
+
+class _NoWriter:
+    """What ranks other than 0 hold instead of a SummaryWriter: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def _count_parameters(net: nn.Module) -> int:
@@ -376,23 +447,46 @@ def _count_parameters(net: nn.Module) -> int:
 def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     """Train from ``cfg`` into ``run_dir``; returns the path of the final checkpoint.
 
-    Raises :class:`TrainingInterrupted` after checkpointing on SIGINT/SIGTERM and
-    :class:`NonFiniteLossError` (leaving the last good checkpoint untouched) on a NaN loss.
+    Raises :class:`TrainingInterrupted` after checkpointing on a stop signal (SIGINT,
+    SIGTERM, SIGUSR1, SIGUSR2) and :class:`NonFiniteLossError` (leaving the last good
+    checkpoint untouched) on a NaN loss.
+
+    Under torch.distributed (see ``ncsn.distributed``) every rank calls this with the same
+    ``cfg`` and ``run_dir``; each trains on its shard of every global batch and rank 0 alone
+    writes (config, logs, TensorBoard, pictures, checkpoints).
     """
     run_dir = Path(run_dir)
-    ckpt = _resume_checkpoint(cfg, run_dir) if cfg.trainer.resume else None
+    main = distributed.is_main()
+    if not main:
+        logging.getLogger("ncsn").setLevel(logging.WARNING)     # one log for the whole run
+    last = run_dir / "checkpoints" / "last.pt"
+    found = distributed.broadcast_object(last.is_file())        # rank 0's run directory decides
+    with distributed.all_or_none():
+        ckpt = _resume_checkpoint(cfg, last, found)
     run = build_run(cfg, run_dir, sigmas=ckpt["sigmas"] if ckpt else None)
     if ckpt is not None:
         load_state(run, ckpt)
-        log.info("resumed %s at step %d", run_dir / "checkpoints" / "last.pt", run.step)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("model %s: %s parameters; %d noise levels, sigma %.4g -> %.4g; device %s",
-             cfg.model.name, f"{_count_parameters(run.net):,}", len(run.sigmas),
-             float(run.sigmas[0]), float(run.sigmas[-1]), run.device)
-    run.writer = SummaryWriter(str(run_dir / "tb"))
+        log.info("resumed %s at step %d", last, run.step)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts:
+        log.info("this SLURM job was requeued %d time(s)", restarts)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("model %s: %s parameters; %d noise levels, sigma %.4g -> %.4g; device %s%s",
+             cfg.model.name, f"{_count_parameters(run.module):,}", len(run.sigmas),
+             float(run.sigmas[0]), float(run.sigmas[-1]), run.device,
+             f"; {distributed.world_size()} processes" if distributed.is_distributed() else "")
+    run.writer = SummaryWriter(str(run_dir / "tb")) if main else _NoWriter()
     try:
         return _loop(run)
+    except TrainingInterrupted:
+        raise
+    except Exception as err:
+        failure = distributed.first_failure(err)   # a peer's failure, when that is what it was
+        if failure is err:
+            raise
+        raise failure from err
     finally:
         run.writer.close()
 
@@ -403,21 +497,31 @@ def _loop(run: Run) -> Path:
     batches = infinite_batches(run.data.train, t.batch_size, run.data_generator,
                                num_workers=run.cfg.dataset.get("num_workers", 0))
     bar = tqdm(total=t.n_steps, initial=run.step, desc="train", dynamic_ncols=True,
-               disable=not (t.progress and sys.stderr.isatty()))
+               disable=not (t.progress and sys.stderr.isatty() and distributed.is_main()))
+    # This rank's rows of every global batch; the objectives draw their labels and noise
+    # for the global batch and keep the same rows (ncsn.losses.batch_shard).
+    rows = distributed.shard(t.batch_size)
+    vote = distributed.StopVote()
     path = None
-    with _stop_on_signals(run), bar:
+    with _stop_on_signals(run) as previous_handlers, bar:
         while run.step < t.n_steps:
-            stats = train_step(run, next(batches).to(run.device, non_blocking=True))
+            x = next(batches)[rows].to(run.device, non_blocking=True)
+            with losses.batch_shard(rows, t.batch_size):
+                stats = train_step(run, x)
             logger.update(stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
-            if run.stop_signal is not None:
-                raise TrainingInterrupted(run.stop_signal, run.step, save(run))
+            signum = vote(run.stop_signal)
+            if signum:
+                raise _stop(run, signum, previous_handlers.get(signum))
             if run.step % t.ckpt_every == 0 or run.step == t.n_steps:
                 path = save(run)
-            if t.sample_every > 0 and run.step % t.sample_every == 0 and run.step != t.n_steps:
+            if (t.sample_every > 0 and run.step % t.sample_every == 0 and run.step != t.n_steps
+                    and distributed.is_main()):
                 report(run)
+    vote.close()
     path = path or save(run)
-    report(run)
+    if distributed.is_main():
+        report(run)
     log.info("done: %d steps; final checkpoint %s", run.step, path.parent / "last.pt")
     return path.parent / "last.pt"

@@ -50,6 +50,7 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
     """Run ``job``; known failures become one line on stderr and a non-zero exit status:
     2 for bad input (config, checkpoint, data), 1 for a diverged run, 128 + signal number
     for an interrupted one."""
+    from ncsn.distributed import RankFailed
     from ncsn.train import NonFiniteLossError, TrainingInterrupted
 
     def fail(message: str, code: int):
@@ -62,6 +63,8 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
         fail(str(err), 2)
     except NonFiniteLossError as err:
         fail(str(err), 1)
+    except RankFailed as err:
+        fail(str(err), err.exit_code)
     except TrainingInterrupted as err:
         print(f"{prog}: {err}; continue with trainer.resume=true "
               f"hydra.run.dir={err.path.parent.parent}", file=sys.stderr, flush=True)

@@ -15,9 +15,11 @@ register_configs()
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
+    from ncsn import distributed
     from ncsn.train import train
 
     def job():
+        distributed.init_distributed()          # the tasks of a SLURM job join here
         check_keys(cfg)
         return train(cfg, HydraConfig.get().runtime.output_dir)
     run_cli("ncsn-train", job)
@@ -27,7 +29,14 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-train", "train", "train a score-based generative model. Example: ncsn-train experiment=swissroll", sys.argv[1:])
         return
-    _main()
+    from ncsn import distributed
+
+    # Under torchrun the ranks join before Hydra composes, so that they agree on one run
+    # directory (rank 0's clock) and only rank 0 writes Hydra's own files in it.
+    if distributed.init_distributed() and not distributed.is_main():
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    with distributed.rank_zero_clock():
+        _main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,271 @@
+"""Data-parallel training (2 gloo processes on the CPU), resume=auto, and stop signals.
+
+Two processes with the global batch split between them must follow one process with the
+whole batch: the same data rows, the same sigma labels and noise for each row, gradients
+averaged over equal shards. They agree only up to float rounding (a mean of two means is not
+bit-for-bit the mean of all), hence the tolerance.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ncsn import distributed, losses, registry
+from ncsn import train as training
+from ncsn.checkpoint import load_checkpoint
+from conftest import BIN, TINY, compose_train
+
+K = 6                                                # steps of the DDP runs
+RUN = TINY + [f"trainer.n_steps={K}", "trainer.ckpt_every=3", "trainer.log_every=2",
+              "trainer.batch_size=32"]
+WORKER_TIMEOUT = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, overrides, run_dirs, out_dir, fault):
+    """One rank: join the group as torchrun would, train, and leave its outcome in a file."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init_distributed()
+    if rank == 1 and fault == "build":
+        def broken(cfg):
+            raise registry.ConfigError("dataset broken on rank 1 only")
+        registry.build_data = broken
+    if rank == 1 and fault in ("step", "signal"):
+        real = training.train_step
+
+        def faulty(run, x):
+            if run.step == 2 and fault == "step":
+                raise RuntimeError("rank 1 fell over at step 3")
+            stats = real(run, x)
+            if run.step == 2 and fault == "signal":
+                os.kill(os.getpid(), signal.SIGUSR1)          # only this rank is signalled
+            return stats
+        training.train_step = faulty
+    try:
+        path = training.train(compose_train(overrides), run_dirs[rank])
+        outcome = {"ok": str(path)}
+    except BaseException as err:
+        outcome = {"error": type(err).__name__, "message": str(err),
+                   "step": getattr(err, "step", -1)}
+    torch.save(outcome, out_dir / f"rank{rank}.pt")
+
+
+def run_two_ranks(tmp_path, overrides, run_dirs, fault=""):
+    """Start 2 ranks, wait (bounded) for both; returns their outcomes."""
+    out_dir = tmp_path / f"outcomes_{time.monotonic_ns()}"
+    out_dir.mkdir()
+    context = mp.start_processes(_worker, args=(2, free_port(), overrides, run_dirs, out_dir,
+                                                fault),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + WORKER_TIMEOUT
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {WORKER_TIMEOUT} s (a hang)")
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+
+
+def assert_same_weights(a, b, exact=False):
+    for key in ("model", "ema"):
+        for name in a[key]:
+            if exact:
+                assert torch.equal(a[key][name], b[key][name]), (key, name)
+            else:
+                torch.testing.assert_close(a[key][name], b[key][name], rtol=1e-4, atol=1e-6,
+                                           msg=f"{key}.{name}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process with the whole global batch, K steps."""
+    path = training.train(compose_train(RUN), tmp_path_factory.mktemp("single"))
+    return load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- the draws
+@pytest.mark.parametrize("loss", ["anneal_dsm", "ssm", "dsm", "ssm_rademacher"])
+def test_each_shard_draws_its_rows_of_what_one_process_draws(loss):
+    overrides = {"ssm": ["loss=ssm", "loss.annealed=true"],
+                 "ssm_rademacher": ["loss=ssm", "loss.annealed=true",
+                                    "loss.projection=rademacher"],
+                 "dsm": ["loss=dsm", "model=mlp", "sampler=langevin"]}.get(loss, [])
+    cfg = compose_train(overrides)
+    sigmas = torch.linspace(1.0, 0.1, 10)
+    objective = registry.build_objective(cfg.loss, cfg.model, sigmas)
+    torch.manual_seed(0)
+    net = registry.build_model(cfg.model, (2,), sigmas)
+    x = torch.randn(8, 2)
+    torch.manual_seed(1)
+    whole, labels = objective(net, x)
+    state_after_whole = torch.get_rng_state()
+    for rows in (slice(0, 4), slice(4, 8)):
+        torch.manual_seed(1)
+        with losses.batch_shard(rows, 8):
+            part, part_labels = objective(net, x[rows])
+        torch.testing.assert_close(part, whole[rows], rtol=1e-6, atol=1e-6)
+        if labels is not None:
+            assert torch.equal(part_labels, labels[rows])
+        # Every rank leaves the random stream where one process leaves it.
+        assert torch.equal(torch.get_rng_state(), state_after_whole)
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    with pytest.raises(registry.ConfigError, match="multiple of 3"):
+        distributed.shard(32)
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_two_processes_follow_one_process_and_only_rank_0_writes(tmp_path, one_process):
+    # Rank 1 is given a folder of its own: it must not even create it.
+    run_dirs = [tmp_path / "run", tmp_path / "rank1"]
+    outcomes = run_two_ranks(tmp_path, RUN, run_dirs)
+    assert all("ok" in o for o in outcomes), outcomes
+    ddp = load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt")
+    assert ddp["step"] == one_process["step"] == K
+    assert_same_weights(ddp, one_process)
+    assert not run_dirs[1].exists()
+    assert sorted(p.name for p in (run_dirs[0] / "checkpoints").iterdir()) == [
+        "last.pt", "step_00000003.pt", "step_00000006.pt"]
+
+
+def test_ddp_stops_together_on_one_ranks_signal_and_resumes_exactly(tmp_path, one_process):
+    run_dirs = [tmp_path / "run", tmp_path / "run"]
+    stopped = run_two_ranks(tmp_path, RUN, run_dirs, fault="signal")
+    # Rank 1 got SIGUSR1 during step 3; both ranks stop after the same step.
+    assert [o["error"] for o in stopped] == ["TrainingInterrupted"] * 2, stopped
+    assert stopped[0]["step"] == stopped[1]["step"] < K
+    assert load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt")["step"] == stopped[0]["step"]
+    resumed = run_two_ranks(tmp_path, RUN, run_dirs)              # trainer.resume=auto
+    assert all("ok" in o for o in resumed), resumed
+    assert_same_weights(load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt"), one_process)
+
+
+@pytest.mark.parametrize("fault", ["build", "step"])
+def test_a_failure_on_one_rank_ends_both_with_its_message(tmp_path, fault):
+    outcomes = run_two_ranks(tmp_path, RUN, [tmp_path / "run"] * 2, fault=fault)
+    assert all("error" in o for o in outcomes), outcomes
+    if fault == "build":
+        assert outcomes[1]["error"] == "ConfigError"
+        assert outcomes[0]["error"] == "RankFailed"
+        assert outcomes[0]["message"] == "rank 1: dataset broken on rank 1 only"
+    else:
+        assert outcomes[1]["message"] == "rank 1 fell over at step 3"
+        assert outcomes[0]["error"] == "RankFailed"
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists()
+
+
+# ----------------------------------------------------------------------------- resume=auto
+def test_resume_auto_starts_fresh_then_resumes(tmp_path):
+    straight = training.train(compose_train(TINY), tmp_path / "a")
+    assert compose_train(TINY).trainer.resume == "auto"
+    first = training.train(compose_train(TINY + ["trainer.n_steps=20"]), tmp_path / "b")
+    assert load_checkpoint(first)["step"] == 20                # nothing to resume: fresh
+    resumed = training.train(compose_train(TINY), tmp_path / "b")
+    assert_same_weights(load_checkpoint(resumed), load_checkpoint(straight), exact=True)
+
+
+def test_resume_false_starts_over_and_a_bad_value_is_named(tmp_path):
+    training.train(compose_train(TINY + ["trainer.n_steps=20"]), tmp_path)
+    again = training.train(compose_train(TINY + ["trainer.n_steps=10", "trainer.resume=false"]),
+                           tmp_path)
+    assert load_checkpoint(again)["step"] == 10
+    with pytest.raises(registry.ConfigError, match="trainer.resume must be auto, true or false"):
+        training.train(compose_train(TINY + ["trainer.resume=yes"]), tmp_path)
+
+
+# ----------------------------------------------------------------------------- signals
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_real_signal_checkpoints_and_a_rerun_ends_with_the_uninterrupted_weights(
+        tmp_path, signum):
+    n_steps = 400
+    run = TINY + [f"trainer.n_steps={n_steps}", "trainer.ckpt_every=100000"]
+    straight = load_checkpoint(training.train(compose_train(run), tmp_path / "straight"))
+    run_dir = tmp_path / "run"
+    command = [str(BIN / "ncsn-train"), *run, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True, env=env)
+    deadline = time.time() + 120
+    while not list((run_dir / "tb").glob("events*")) and time.time() < deadline:
+        time.sleep(0.05)                                          # training has started
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and signal.Signals(signum).name in stderr
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert 0 < stopped_at < n_steps
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240,
+                           stdin=subprocess.DEVNULL)                  # resume=auto: the default
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert resumed["step"] == n_steps
+    assert_same_weights(resumed, straight, exact=True)
+
+
+def test_the_previous_handler_gets_the_signal_after_the_checkpoint(tmp_path, monkeypatch):
+    # As submitit's handler: it must find the checkpoint written when it is called.
+    seen = []
+
+    def requeue(signum, frame):
+        seen.append((signum, load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"]))
+    previous = signal.signal(signal.SIGUSR2, requeue)
+    real = training.train_step
+
+    def signalled(run, x):
+        stats = real(run, x)
+        if run.step == 7:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return stats
+    monkeypatch.setattr(training, "train_step", signalled)
+    try:
+        with pytest.raises(training.TrainingInterrupted) as stopped:
+            training.train(compose_train(TINY), tmp_path)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [(signal.SIGUSR2, stopped.value.step)]
+    assert signal.getsignal(signal.SIGUSR2) is previous
+
+
+# ----------------------------------------------------------------------------- launchers
+def test_ranks_come_from_torchrun_or_a_slurm_step_not_the_batch_script():
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                "MASTER_PORT": "1234"}
+    assert distributed.process_env(torchrun) == {
+        "rank": 1, "world_size": 4, "local_rank": 1, "master_addr": "h", "master_port": "1234"}
+    slurm_step = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+                  "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node7", "SLURM_JOB_ID": "4242"}
+    found = distributed.process_env(slurm_step)
+    assert (found["rank"], found["world_size"], found["local_rank"]) == (3, 4, 1)
+    assert found["master_port"] == str(20000 + 4242 % 20000)
+    batch_script = {k: v for k, v in slurm_step.items() if k != "SLURM_STEP_NUM_TASKS"}
+    assert distributed.process_env(batch_script) is None
+    assert distributed.process_env({"RANK": "0", "WORLD_SIZE": "1"}) is None
+    assert distributed.process_env({}) is None
+
+
+def test_torchrun_ranks_share_one_run_directory(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "ncsn.cli.train", *RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(torchrun, capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=240, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/config.yaml")]
+    assert len(run_dirs) == 1, run_dirs
+    log = (run_dirs[0] / "train.log").read_text()
+    assert log.count("step 6: checkpoint") == 1 and "2 processes" in log
