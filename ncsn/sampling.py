@@ -50,7 +50,8 @@ def langevin(score_fn: ScoreFn, x: Tensor, step_size: float, n_steps: int,
     """
     snapshot_every = snapshot_every or max(1, n_steps // 50)
     trajectory = [x.cpu()]
-    for step in tqdm(range(1, n_steps + 1), desc="langevin", disable=quiet(progress), leave=False):
+    for step in tqdm(range(1, n_steps + 1), desc="langevin", unit="NFE", disable=quiet(progress),
+                     leave=False):
         x = langevin_step(score_fn(x), x, step_size)
         if return_trajectory and (step % snapshot_every == 0 or step == n_steps):
             trajectory.append(x.cpu())
@@ -86,21 +87,26 @@ def annealed_langevin(net: ScoreNet, x: Tensor, sigmas: Tensor, step_lr: float,
     sigmas = sigmas.to(x.device, x.dtype)
     alphas = annealed_step_sizes(sigmas, step_lr)
     trajectory = [x.cpu()]
-    for i in tqdm(range(len(sigmas)), desc="annealed langevin", disable=quiet(progress),
-                  leave=False):
+    # The bar counts network evaluations (NFE): L T, plus one for the denoising step.
+    bar = tqdm(total=len(sigmas) * n_steps_each + int(denoise), desc="annealed langevin",
+               unit="NFE", disable=quiet(progress), leave=False)
+    for i in range(len(sigmas)):
         sigma = sigmas[i].expand(x.shape[0])                     # (B,)
         for _ in range(n_steps_each):
             if known is not None:
                 x = known(x, i)
             x = langevin_step(net(x, sigma), x, alphas[i])
+        bar.update(n_steps_each)
         if return_trajectory:
             trajectory.append(x.cpu())
     if denoise:
         if known is not None:
             x = known(x, len(sigmas) - 1)
         x = x + sigmas[-1] ** 2 * net(x, sigmas[-1].expand(x.shape[0]))
+        bar.update(1)
         if return_trajectory:
             trajectory.append(x.cpu())
+    bar.close()
     return (x, torch.stack(trajectory)) if return_trajectory else x
 
 

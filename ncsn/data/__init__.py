@@ -7,7 +7,7 @@ rescaling or the logit transform for images, back to [0, 1]).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -28,6 +28,8 @@ class Data:
     shape: tuple[int, ...]               # one sample, e.g. (2,) or (3, 32, 32)
     kind: str = "points"                 # points | images
     to_data_space: Callable[[Tensor], Tensor] = field(default=_identity)
+    raw_train: Any = None                # ncsn.data.device.RawImages: the training split as
+                                         # uint8 pixels, when it fits on the device
 
 
 def first_tensor(item) -> Tensor:
@@ -50,10 +52,27 @@ def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generat
     sampler = RandomSampler(dataset, generator=generator)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=num_workers > 0)
+                        persistent_workers=num_workers > 0,
+                        prefetch_factor=4 if num_workers > 0 else None)
     while True:
         for batch in loader:
             yield first_tensor(batch)
+
+
+def training_batches(data: Data, batch_size: int, generator: torch.Generator,
+                     device: torch.device | str = "cpu", num_workers: int = 0,
+                     on_device: bool = True) -> Iterator[Tensor]:
+    """The training loop's global batches: drawn on ``device`` from the uint8 pixels when the
+    dataset keeps them (``data.raw_train``) and ``on_device``, else by
+    :func:`infinite_batches` (DataLoader workers, pinned memory, prefetching). Both give the
+    same batches for the same seed (the loader without workers)."""
+    if len(data.train) < batch_size:
+        raise ValueError(f"trainer.batch_size={batch_size} is larger than the training split "
+                         f"({len(data.train)} samples): full batches never come; lower it")
+    if on_device and data.raw_train is not None:
+        from ncsn.data.device import device_batches
+        return device_batches(data.raw_train, batch_size, generator, device)
+    return infinite_batches(data.train, batch_size, generator, num_workers=num_workers)
 
 
 def build_toy_data(cfg) -> Data:
@@ -67,4 +86,4 @@ def build_toy_data(cfg) -> Data:
 
 
 __all__ = ["Data", "GaussianMixture", "make_toy", "infinite_batches", "build_toy_data",
-           "first_tensor"]
+           "first_tensor", "training_batches"]

@@ -454,6 +454,39 @@ def _digits(cfg: DigitsConfig, root: Path):
     return (split(train_idx, True), test), 1
 
 
+# ----------------------------------------------------------------------------- on the device
+NATIVE_SIZES = {"cifar10": 32, "svhn": 32, "mnist": 28, "fashion_mnist": 28, "digits": 8}
+
+
+def _uint8_pixels(name: str, train: Dataset) -> Optional[Tensor]:
+    """The training split's pixels as (N, C, H, W) uint8, read from the dataset object."""
+    if name == "cifar10":
+        return torch.from_numpy(train.data).permute(0, 3, 1, 2).contiguous()    # (N, H, W, C)
+    if name == "svhn":
+        return torch.from_numpy(train.data)                                     # (N, C, H, W)
+    if name in ("mnist", "fashion_mnist"):
+        return train.data.unsqueeze(1)                                          # (N, H, W)
+    if name == "digits":
+        return train.images.mul(16).round().to(torch.uint8)                     # k / 16
+    return None
+
+
+def raw_images(cfg: ImageDataConfig, train: Dataset):
+    """The training split as :class:`ncsn.data.device.RawImages` for batching on the
+    device: the datasets that fit in memory, at their native size (a resize stays on the
+    per-item path); None for the others."""
+    from ncsn.data.device import RawImages
+
+    if NATIVE_SIZES.get(cfg.name) != cfg.image_size:
+        return None
+    pixels = _uint8_pixels(cfg.name, train)
+    return RawImages(pixels, levels=17 if cfg.name == "digits" else 256,
+                     random_flip=cfg.random_flip,
+                     uniform_dequantization=cfg.uniform_dequantization,
+                     gaussian_dequantization=cfg.gaussian_dequantization,
+                     gaussian_std=cfg.gaussian_dequantization_std, space=model_space(cfg))
+
+
 # name -> builder(cfg, root) returning ((train, test or None), channels)
 _BUILDERS = {
     "cifar10": _cifar10,
@@ -484,7 +517,7 @@ def build_image_data(cfg) -> "Data":
     root = Path(cfg.root).expanduser().resolve()
     (train, test), channels = _BUILDERS[cfg.name](cfg, root)
     return Data(train, test, shape=(channels, cfg.image_size, cfg.image_size), kind="images",
-                to_data_space=space.inverse)
+                to_data_space=space.inverse, raw_train=raw_images(cfg, train))
 
 
 __all__ = ["DatasetNotFoundError", "IMAGE_DATASETS", "ImageDataConfig", "CIFAR10Config",
