@@ -170,7 +170,14 @@ class TrainerConfig:
     n_steps: int = 5000
     batch_size: int = 128                # the global batch
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    num_threads: Optional[int] = None    # CPU threads for torch; null: torch's default
+    num_threads: Any = "auto"            # CPU threads for torch: N | auto (1 for small networks,
+                                         # torch's default for large ones) | null: torch's default
+    precision: str = "auto"              # auto (bf16 on CUDA where supported, else tf32; fp32 on
+                                         # the CPU) | fp32 | tf32 | bf16 | fp16 (gradient scaling)
+    channels_last: Any = "auto"          # image networks in channels-last layout; auto: on CUDA
+    compile: bool = False                # torch.compile the network (docs/PERFORMANCE.md)
+    fused_adam: Any = "auto"             # Adam's fused kernel; auto: on CUDA
+    data_on_device: bool = True          # small image datasets held on the device as uint8
     ema: bool = True
     ema_rate: float = 0.999
     ckpt_every: int = 1000

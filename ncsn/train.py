@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ncsn import distributed, losses, registry, viz
 from ncsn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ncsn.data import Data, first_tensor, infinite_batches
+from ncsn.data import Data, first_tensor, training_batches
 from ncsn.image_io import enlarge
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,85 @@ def to_plain(cfg) -> dict:
 
 
 @dataclass
+class Speed:
+    """How a step runs (set by :func:`apply_speed_options` from the trainer config): the
+    autocast dtype (None: fp32), torch's gradient scaler (active for fp16 only), inputs in
+    channels-last layout, a compiled network."""
+
+    amp_dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+    compiled: bool = False
+
+
+class StepMonitor:
+    """What the steps leave on the device between two reads: the loss sums (overall and per
+    noise level), the last gradient norm, and the first step whose loss or gradient norm was
+    not finite, with its loss, gradient norm and noise levels. Recording never waits for the
+    device; :meth:`check` reads one number."""
+
+    def __init__(self, n_levels: int, device: torch.device):
+        self.n_levels, self.device = n_levels, device
+        zero = torch.zeros((), device=device)
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=device)   # 0: none yet
+        self.bad_loss, self.bad_grad_norm = zero.clone(), zero.clone()
+        self.bad_levels = torch.zeros(n_levels, dtype=torch.bool, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start new sums (after a read); the record of the first non-finite step stays."""
+        self.count = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.level_sum = torch.zeros(self.n_levels, dtype=torch.float64, device=self.device)
+        self.level_count = torch.zeros(self.n_levels, dtype=torch.float64, device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+
+    def record(self, step: int, stats: "StepStats", check_grad: bool = True) -> None:
+        """Add step ``step``'s loss; if it is the first non-finite one, keep what it was.
+        ``check_grad=False`` (fp16): the gradient scaler skips steps with infinite gradients."""
+        self.count += 1
+        self.loss_sum += stats.loss.double()
+        self.grad_norm = stats.grad_norm
+        finite = torch.isfinite(stats.per_sample)                       # (B,)
+        ok = finite.all() & torch.isfinite(stats.grad_norm) if check_grad else finite.all()
+        first = ~ok & (self.first_bad_step == 0)
+        self.first_bad_step = torch.where(first, step, self.first_bad_step)
+        self.bad_loss = torch.where(first, stats.loss, self.bad_loss)
+        self.bad_grad_norm = torch.where(first, stats.grad_norm, self.bad_grad_norm)
+        if stats.labels is not None:
+            per_sample = stats.per_sample.double()
+            self.level_sum.index_add_(0, stats.labels, per_sample)
+            self.level_count.index_add_(0, stats.labels, torch.ones_like(per_sample))
+            bad_now = torch.zeros(self.n_levels, device=self.device).index_add_(
+                0, stats.labels, (~finite).float()) > 0
+            self.bad_levels = torch.where(first, bad_now, self.bad_levels)
+
+    def check(self, run: "Run") -> None:
+        """Raise :class:`NonFiniteLossError` if any step since the start was not finite."""
+        step = int(self.first_bad_step)
+        if step == 0:
+            return
+        loss, grad_norm = float(self.bad_loss), float(self.bad_grad_norm)
+        where = ""
+        bad = self.bad_levels.nonzero().flatten().cpu()
+        if len(bad) > 0:
+            sigmas = [float(s) for s in run.sigmas[bad]]
+            where = " at sigma " + ", ".join(f"{s:.4g}" for s in sigmas[:5])
+            where += " ..." if len(sigmas) > 5 else ""
+        every = run.cfg.trainer.log_every
+        found = (f"(found at step {run.step}: the loss is checked every trainer.log_every="
+                 f"{every} steps and before every checkpoint)")
+        last_good = run.run_dir / "checkpoints" / "last.pt"
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss} at step {step}{where} {found}; the last good checkpoint "
+                f"is {last_good}; try a lower optim.lr or optim.grad_clip=1.0")
+        raise NonFiniteLossError(
+            f"gradient norm became {grad_norm} at step {step} (loss {loss:.4g}) {found}; the "
+            f"last good checkpoint is {last_good}; try optim.grad_clip=1.0 or a lower optim.lr")
+
+
+@dataclass
 class Run:
     """Everything one training job holds."""
 
@@ -81,6 +161,8 @@ class Run:
     step: int = 0
     stop_signal: int | None = None
     writer: SummaryWriter | None = field(default=None, repr=False)
+    speed: Speed = field(default_factory=Speed)
+    monitor: StepMonitor | None = field(default=None, repr=False)
 
     @property
     def module(self) -> nn.Module:
@@ -108,7 +190,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None = None
 
 def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> Run:
     torch.manual_seed(cfg.seed)
-    if cfg.trainer.num_threads is not None:
+    if cfg.trainer.num_threads not in (None, "auto"):
         # Small networks on a busy CPU run far faster on one thread than on contended ones.
         torch.set_num_threads(cfg.trainer.num_threads)
     device = resolve_device(cfg.trainer.device)
@@ -120,11 +202,93 @@ def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> R
     o = cfg.optim
     optimizer = torch.optim.Adam(net.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay, amsgrad=o.amsgrad)
-    return Run(cfg=cfg, run_dir=Path(run_dir), device=device, data=data, sigmas=sigmas, net=net,
-               ema=ema, optimizer=optimizer,
-               objective=registry.build_objective(cfg.loss, cfg.model, sigmas),
-               sampler=registry.build_sampler(cfg.sampler, sigmas),
-               data_generator=torch.Generator().manual_seed(cfg.seed))
+    run = Run(cfg=cfg, run_dir=Path(run_dir), device=device, data=data, sigmas=sigmas, net=net,
+              ema=ema, optimizer=optimizer,
+              objective=registry.build_objective(cfg.loss, cfg.model, sigmas),
+              sampler=registry.build_sampler(cfg.sampler, sigmas),
+              data_generator=torch.Generator().manual_seed(cfg.seed),
+              monitor=StepMonitor(len(sigmas), device))
+    apply_speed_options(run)
+    return run
+
+
+# ----------------------------------------------------------------------------- speed
+PRECISIONS = ("auto", "fp32", "tf32", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# trainer.num_threads=auto: a step of fewer FLOPs than this runs on one CPU thread. Measured
+# by scripts/bench_train.py --threads (docs/PERFORMANCE.md): below it a second thread gains
+# little on an idle CPU and loses several times over on a busy one.
+ONE_THREAD_FLOPS = 2e9
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """trainer.precision -> fp32 | tf32 | bf16 | fp16. auto: bf16 on a CUDA device that has
+    it (tf32 on older ones), fp32 on the CPU (bf16 autocast measured slower there,
+    docs/PERFORMANCE.md)."""
+    if name not in PRECISIONS:
+        raise registry.ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, "
+                                   f"got {name!r}")
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "tf32"
+    if name == "tf32" and device.type != "cuda":
+        raise registry.ConfigError("trainer.precision=tf32 is a CUDA matmul mode; use fp32 or "
+                                   "bf16 on the CPU")
+    return name
+
+
+def _on_cuda_by_default(value, device: torch.device, key: str) -> bool:
+    """An option that is true | false | auto, where auto means "on CUDA"."""
+    if value == "auto":
+        return device.type == "cuda"
+    if not isinstance(value, bool):
+        raise registry.ConfigError(f"trainer.{key} must be true, false or auto, got {value!r}")
+    return value
+
+
+def step_flops(run: Run) -> float:
+    """FLOPs of one training step, counted by torch.utils.flop_counter on one sample's forward
+    pass: forward + backward ~ 3 forwards, times the batch."""
+    x = torch.zeros(1, *run.data.shape, device=run.device)
+    sigma = run.sigmas[:1].to(run.device) if registry.is_conditional(run.cfg.model) else None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        run.net(x, sigma)
+    return 3.0 * counter.get_total_flops() * run.cfg.trainer.batch_size
+
+
+def auto_num_threads(run: Run) -> int:
+    """trainer.num_threads=auto on the CPU: one thread for a step under ONE_THREAD_FLOPS,
+    torch's default (the physical cores) above."""
+    return 1 if step_flops(run) < ONE_THREAD_FLOPS else torch.get_num_threads()
+
+
+def apply_speed_options(run: Run) -> None:
+    """Set up ``run`` to step as fast as the device allows (trainer.precision, num_threads,
+    channels_last, fused_adam, compile); see docs/PERFORMANCE.md for what each is worth."""
+    t, device = run.cfg.trainer, run.device
+    if t.num_threads == "auto" and device.type == "cpu":
+        torch.set_num_threads(auto_num_threads(run))
+    precision = resolve_precision(t.precision, device)
+    if device.type == "cuda":
+        # TF32 for the fp32 matmuls and convolutions left outside autocast.
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    run.speed.amp_dtype = AMP_DTYPES.get(precision)
+    run.speed.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    if _on_cuda_by_default(t.channels_last, device, "channels_last") and len(run.data.shape) == 3:
+        for net in (run.net, run.ema.module if run.ema is not None else None):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
+        run.speed.channels_last = True
+    if _on_cuda_by_default(t.fused_adam, device, "fused_adam"):
+        options = {**run.optimizer.defaults, "fused": True, "foreach": None}
+        run.optimizer = torch.optim.Adam(run.net.parameters(), **options)
+    if t.compile:
+        # In place (nn.Module.compile): the state dict keeps its keys; the EMA copy was taken
+        # before and stays eager.
+        run.net.compile()
+        run.speed.compiled = True
 
 
 # NCSNv2 (Song & Ermon 2020), Technique 5, as its code keeps it (models/ema.py): the
@@ -167,50 +331,75 @@ def learning_rate(step: int, optim_cfg, n_steps: int) -> float:
 # ----------------------------------------------------------------------------- one step
 @dataclass
 class StepStats:
-    loss: float
-    per_sample: Tensor
-    labels: Tensor | None
-    grad_norm: float
+    """One step's numbers, left on the training device (reading them would wait for it)."""
+
+    loss: Tensor                 # () the batch mean
+    per_sample: Tensor           # (B,)
+    labels: Tensor | None        # (B,) the noise level of each sample; None: not annealed
+    grad_norm: Tensor            # () before clipping
     lr: float
 
 
-def _check_finite(run: Run, per_sample: Tensor, labels: Tensor | None) -> None:
-    bad = ~torch.isfinite(per_sample)
-    if not bad.any():
-        return
-    where = ""
-    if labels is not None:
-        bad_sigmas = sorted({float(s) for s in run.sigmas[labels[bad].cpu()]}, reverse=True)
-        where = " at sigma " + ", ".join(f"{s:.4g}" for s in bad_sigmas[:5])
-        where += " ..." if len(bad_sigmas) > 5 else ""
-    raise NonFiniteLossError(
-        f"loss became {per_sample[bad][0].item()} at step {run.step + 1}{where}; the last good "
-        f"checkpoint is {run.run_dir / 'checkpoints' / 'last.pt'}; try a lower optim.lr or "
-        f"optim.grad_clip=1.0")
+@torch.no_grad()
+def update_ema(run: Run) -> None:
+    """shadow <- mu shadow + (1 - mu) theta for every weight and buffer, as one
+    ``torch._foreach_lerp_`` (the operation of torch's get_ema_multi_avg_fn, without
+    AveragedModel's per-step regrouping and its host-side read of ``n_averaged``)."""
+    shadow = [*run.ema.module.parameters(), *run.ema.module.buffers()]
+    current = [*run.net.parameters(), *run.net.buffers()]
+    torch._foreach_lerp_(shadow, current, 1.0 - run.cfg.trainer.ema_rate)
+    run.ema.n_averaged += 1
+
+
+def _grad_norm(run: Run) -> Tensor:
+    """The total gradient norm, clipped to optim.grad_clip when set; stays on the device."""
+    params = [p for p in run.net.parameters() if p.grad is not None]
+    if run.cfg.optim.grad_clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, run.cfg.optim.grad_clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def _autocast(run: Run):
+    dtype = run.speed.amp_dtype
+    return torch.autocast(run.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def train_step(run: Run, x: Tensor) -> StepStats:
-    """One optimisation step on batch ``x``: loss, finiteness check, backward, clip, Adam, EMA."""
+    """One optimisation step on batch ``x`` (B, ...): loss (under autocast for bf16/fp16),
+    backward (scaled for fp16), clip, Adam, EMA.
+
+    Nothing here waits for the device: the loss, the per-level losses, the gradient norm and
+    the finiteness check accumulate in ``run.monitor``, read every ``log_every`` steps and
+    before every checkpoint (:func:`check_finite`), so a non-finite loss never reaches one.
+    """
     lr = learning_rate(run.step, run.cfg.optim, run.cfg.trainer.n_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    per_sample, labels = run.objective(run.net, x)
-    _check_finite(run, per_sample.detach(), labels)
+    if run.speed.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(run):
+        per_sample, labels = run.objective(run.net, x)
+    per_sample = per_sample.float()
     loss = per_sample.mean()
+    scaler = run.speed.scaler
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.net.parameters(), max_norm))
-    if not math.isfinite(grad_norm):
-        raise NonFiniteLossError(
-            f"gradient norm became {grad_norm} at step {run.step + 1} (loss {loss.item():.4g}); "
-            f"the last good checkpoint is {run.run_dir / 'checkpoints' / 'last.pt'}; try "
-            f"optim.grad_clip=1.0 or a lower optim.lr")
-    run.optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.unscale_(run.optimizer)
+    grad_norm = _grad_norm(run)
+    scaler.step(run.optimizer)            # fp16: skips a step with infinite gradients
+    scaler.update()
     if run.ema is not None:
-        run.ema.update_parameters(run.net)
+        update_ema(run)
     run.step += 1
-    return StepStats(loss.item(), per_sample.detach(), labels, grad_norm, lr)
+    stats = StepStats(loss.detach(), per_sample.detach(), labels, grad_norm.detach(), lr)
+    run.monitor.record(run.step, stats, check_grad=not scaler.is_enabled())
+    return stats
+
+
+def check_finite(run: Run) -> None:
+    """Raise :class:`NonFiniteLossError` (step, sigma, last good checkpoint) if a step's loss
+    or gradient norm was not finite; called before every checkpoint and log read."""
+    run.monitor.check(run)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -223,7 +412,8 @@ def state_dict(run: Run) -> dict:
     return {"step": run.step, "config": to_plain(run.cfg), "sigmas": run.sigmas.cpu(),
             "data_shape": list(run.data.shape), "model": run.module.state_dict(),
             "ema": run.ema.module.state_dict() if run.ema is not None else None,
-            "optimizer": run.optimizer.state_dict(), "rng": rng}
+            "optimizer": run.optimizer.state_dict(), "rng": rng,
+            "scaler": run.speed.scaler.state_dict() if run.speed.scaler.is_enabled() else None}
 
 
 def load_state(run: Run, ckpt: dict) -> None:
@@ -231,6 +421,8 @@ def load_state(run: Run, ckpt: dict) -> None:
     if run.ema is not None and ckpt.get("ema") is not None:
         run.ema.module.load_state_dict(plain_ema_state(ckpt["ema"]))
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and run.speed.scaler.is_enabled():
+        run.speed.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     run.data_generator.set_state(ckpt["rng"]["data"])
     cuda_rng = ckpt["rng"].get("cuda")
@@ -242,7 +434,9 @@ def load_state(run: Run, ckpt: dict) -> None:
 
 
 def save(run: Run) -> Path:
-    """Write the step's checkpoint and ``last.pt`` (rank 0 only). Returns the file written."""
+    """Write the step's checkpoint and ``last.pt`` (rank 0 only; every rank checks the loss
+    first, so all of them stop alike on a non-finite one). Returns the file written."""
+    check_finite(run)
     ckpt_dir = run.run_dir / "checkpoints"
     if not distributed.is_main():
         return ckpt_dir / "last.pt"
@@ -282,7 +476,8 @@ def _resume_checkpoint(cfg: DictConfig, path: Path, found: bool) -> dict | None:
 # ----------------------------------------------------------------------------- logging
 class TrainLogger:
     """TensorBoard scalars every ``log_every`` steps: loss, loss per noise level, gradient
-    norm, learning rate, steps per second."""
+    norm, learning rate, steps per second, read from ``run.monitor`` (the only reads of the
+    device in the loop, with the finiteness check before them)."""
 
     MAX_LEVEL_CURVES = 16
 
@@ -292,37 +487,29 @@ class TrainLogger:
         n = len(run.sigmas)
         self.levels = sorted({round(i * (n - 1) / max(1, min(n, self.MAX_LEVEL_CURVES) - 1))
                               for i in range(min(n, self.MAX_LEVEL_CURVES))})
-        self._reset()
-
-    def _reset(self):
-        self.loss_sum, self.count, self.t0 = 0.0, 0, time.perf_counter()
-        # Kept on the training device: no copy to the host on every step.
-        n, device = len(self.run.sigmas), self.run.device
-        self.level_sum = torch.zeros(n, dtype=torch.float64, device=device)
-        self.level_count = torch.zeros(n, dtype=torch.float64, device=device)
+        self.last_loss = math.nan            # the mean loss of the last read, for the bar
+        self.t0 = time.perf_counter()
 
     def update(self, stats: StepStats) -> None:
-        self.loss_sum += stats.loss
-        self.count += 1
-        if stats.labels is not None:
-            self.level_sum.index_add_(0, stats.labels, stats.per_sample.double())
-            self.level_count.index_add_(0, stats.labels,
-                                        torch.ones_like(stats.labels, dtype=torch.float64))
         if self.run.step % self.every == 0:
             self.flush(stats)
 
     def flush(self, stats: StepStats) -> None:
-        step, w = self.run.step, self.writer
-        w.add_scalar("train/loss", self.loss_sum / self.count, step)
-        w.add_scalar("train/grad_norm", stats.grad_norm, step)
+        check_finite(self.run)
+        step, w, monitor = self.run.step, self.writer, self.run.monitor
+        count = max(1, monitor.count)
+        self.last_loss = float(monitor.loss_sum) / count
+        w.add_scalar("train/loss", self.last_loss, step)
+        w.add_scalar("train/grad_norm", float(monitor.grad_norm), step)
         w.add_scalar("train/lr", stats.lr, step)
-        w.add_scalar("train/steps_per_sec", self.count / (time.perf_counter() - self.t0), step)
-        level_sum, level_count = self.level_sum.cpu(), self.level_count.cpu()
+        w.add_scalar("train/steps_per_sec", count / (time.perf_counter() - self.t0), step)
+        level_sum, level_count = monitor.level_sum.cpu(), monitor.level_count.cpu()
         for i in self.levels:
             if level_count[i] > 0:
                 w.add_scalar(f"loss_per_sigma/{i:04d}_sigma_{float(self.run.sigmas[i]):.3g}",
                              level_sum[i] / level_count[i], step)
-        self._reset()
+        monitor.reset()
+        self.t0 = time.perf_counter()
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -343,15 +530,71 @@ def test_loss(run: Run, max_batches: int = 10) -> float | None:
     return total / count
 
 
-def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 0):
-    """``n`` samples with the sampling (EMA) weights, from the configured sampler."""
+def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 0,
+                 progress: bool = False):
+    """``n`` samples with the sampling (EMA) weights, from the configured sampler, the network
+    under the run's autocast (its output back in the chain's dtype)."""
     g = torch.Generator().manual_seed(seed)
     x = registry.initial_samples(run.cfg.sampler, n, run.data.shape, run.sigmas, run.device, g)
     net = run.sampling_net.eval()
+
+    def score(y: Tensor, sigma: Tensor | None) -> Tensor:
+        with _autocast(run):
+            return net(y, sigma).to(y.dtype)
     try:
-        return run.sampler(net, x, return_trajectory=return_trajectory)
+        return run.sampler(score, x, return_trajectory=return_trajectory, progress=progress)
     finally:
         net.train()
+
+
+def network_evaluations(sampler_cfg, n_levels: int) -> int:
+    """Network evaluations (NFE) of one chain: annealed Langevin L T, plus one for the
+    denoising step; Langevin its n_steps."""
+    if sampler_cfg.name == "annealed_langevin":
+        return n_levels * sampler_cfg.n_steps_each + int(sampler_cfg.denoise)
+    return sampler_cfg.n_steps
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def seconds_per_evaluation(run: Run, n: int) -> float:
+    """Wall time of one evaluation of the sampling network on a batch of ``n`` (the second of
+    two: the first pays for warm-up)."""
+    x = torch.zeros(n, *run.data.shape, device=run.device)
+    sigma = run.sigmas[-1:].to(run.device).expand(n) if registry.is_conditional(
+        run.cfg.model) else None
+    net = run.sampling_net.eval()
+    try:
+        for _ in range(2):
+            _synchronize(run.device)
+            start = time.perf_counter()
+            with _autocast(run):
+                net(x, sigma)
+            _synchronize(run.device)
+    finally:
+        net.train()
+    return time.perf_counter() - start
+
+
+def log_sampling_cost(run: Run, n: int) -> None:
+    """Log what drawing ``n`` samples will cost before it starts: the sampler's network
+    evaluations and a time estimate from timing one of them."""
+    nfe = network_evaluations(run.cfg.sampler, len(run.sigmas))
+    seconds = seconds_per_evaluation(run, n)
+    log.info("step %d: sampling %d samples with %s: %d network evaluations of a batch of %d; "
+             "one takes %.3g s, so about %s (trainer.n_plot_samples and the sampler's "
+             "settings set this)", run.step, n, run.cfg.sampler.name, nfe, n, seconds,
+             _duration(nfe * seconds))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 @contextmanager
@@ -376,7 +619,8 @@ def report(run: Run) -> None:
             return
         points = run.data.kind == "points" and run.data.shape == (2,)
         # Trajectories only for 2-D pictures: for images they would hold every level's batch.
-        out = draw_samples(run, n, return_trajectory=points)
+        log_sampling_cost(run, n)
+        out = draw_samples(run, n, return_trajectory=points, progress=run.cfg.trainer.progress)
         samples, trajectory = out if points else (out, None)
         samples = run.data.to_data_space(samples.cpu())
         if points:
@@ -494,8 +738,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
 def _loop(run: Run) -> Path:
     t = run.cfg.trainer
     logger = TrainLogger(run)
-    batches = infinite_batches(run.data.train, t.batch_size, run.data_generator,
-                               num_workers=run.cfg.dataset.get("num_workers", 0))
+    batches = training_batches(run.data, t.batch_size, run.data_generator, run.device,
+                               num_workers=run.cfg.dataset.get("num_workers", 0),
+                               on_device=t.data_on_device)
     bar = tqdm(total=t.n_steps, initial=run.step, desc="train", dynamic_ncols=True,
                disable=not (t.progress and sys.stderr.isatty() and distributed.is_main()))
     # This rank's rows of every global batch; the objectives draw their labels and noise
@@ -510,7 +755,7 @@ def _loop(run: Run) -> Path:
                 stats = train_step(run, x)
             logger.update(stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4g}", refresh=False)
+            bar.set_postfix(loss=f"{logger.last_loss:.4g}", refresh=False)
             signum = vote(run.stop_signal)
             if signum:
                 raise _stop(run, signum, previous_handlers.get(signum))
