@@ -45,7 +45,7 @@ class EvalConfig:
 def eval_dir(ckpt: Optional[str], run: Optional[str], stamp: str,
              sweep: Optional[str] = None) -> str:
     """The default output folder (see the module docstring)."""
-    if sweep is not None:
+    if sweep is not None and Path(sweep).is_dir():   # a missing folder is refused, not made
         return str(Path(sweep) / "eval" / stamp)
     if run is not None:
         return str(Path(run) / "eval" / stamp)

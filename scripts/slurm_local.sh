@@ -25,7 +25,8 @@ fi
 
 # Munge: one key, readable by munge only.
 mkdir -p /etc/munge /var/log/munge /var/lib/munge /run/munge
-[ -s /etc/munge/munge.key ] || dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
+[ -s /etc/munge/munge.key ] ||
+    dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
 chown -R munge:munge /etc/munge /var/log/munge /var/lib/munge /run/munge
 chmod 0400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || runuser -u munge -- munged
@@ -58,6 +59,8 @@ MpiDefault=none
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+MailProg=/bin/true
+DefMemPerCPU=$(( mem_mb / cpus ))
 NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -74,6 +77,6 @@ for _ in $(seq 60); do
     scontrol update nodename="${host}" state=resume >/dev/null 2>&1 || true
     sleep 1
 done
-echo "slurm_local: the node did not become idle; see /var/log/slurm/slurmd.log and slurmctld.log" >&2
+echo "slurm_local: the node did not become idle; see /var/log/slurm/slurm{d,ctld}.log" >&2
 sinfo -N -l >&2 || true
 exit 1

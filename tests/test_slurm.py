@@ -1,0 +1,269 @@
+"""Sweeps through Hydra's submitit launcher: on a real SLURM cluster (marked ``slurm``; start
+one on this machine with ``scripts/slurm_local.sh``), on this machine (``submitit_local``),
+and the table of a multirun (``ncsn-eval sweep=DIR``)."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from torch.utils.tensorboard import SummaryWriter
+
+from conftest import BIN, REPO, TINY, compose_train, run_cli
+from ncsn import train as training
+from ncsn.checkpoint import load_checkpoint
+from ncsn.config import config_dir
+from ncsn.evaluate.multirun import format_sweep_table, sweep_table
+
+
+def _launcher_missing() -> str | None:
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        return "hydra-submitit-launcher is not installed (pip install 'ncsn[slurm]')"
+    return None
+
+
+def _cluster_missing() -> str | None:
+    """Why the SLURM tests cannot run here, or None when a node is up."""
+    if shutil.which("sbatch") is None:
+        return "sbatch not found: no SLURM here (scripts/slurm_local.sh starts a one-node cluster)"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True,
+                                text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"sinfo failed ({err}): start the cluster with scripts/slurm_local.sh"
+    if not {"idle", "mixed", "allocated"} & set(states):
+        return f"no SLURM node is up (sinfo: {states or 'nothing'}); run scripts/slurm_local.sh"
+    return _launcher_missing()
+
+
+needs_launcher = pytest.mark.skipif(_launcher_missing() is not None,
+                                    reason=str(_launcher_missing()))
+
+
+def needs_cluster(test):
+    """Marked ``slurm``; skipped, with the reason, where no SLURM node is up."""
+    reason = _cluster_missing()
+    return pytest.mark.slurm(pytest.mark.skipif(reason is not None, reason=str(reason))(test))
+
+
+# One CPU and little memory per job: both points of a sweep run side by side on two cores.
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+         "hydra.launcher.timeout_min=10", "trainer.num_threads=1"]
+
+
+def _multirun(sweep_dir: Path, *overrides, timeout=300, **popen):
+    return run_cli("ncsn-train", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides,
+                   cwd=sweep_dir.parent, timeout=timeout, **popen)
+
+
+def _last_step(run_dir: Path) -> int:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+
+
+# ----------------------------------------------------------------------------- the launchers
+@needs_launcher
+@pytest.mark.parametrize("gpus,tasks", [(None, 1), (0, 1), (4, 4)])
+def test_slurm_launcher_runs_one_task_per_gpu_and_at_least_one(gpus, tasks):
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm",
+                                          f"hydra.launcher.gpus_per_node={gpus}".replace(
+                                              "None", "null")], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == tasks
+    assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0
+
+
+@needs_launcher
+def test_submitit_local_multirun_trains_every_point(tmp_path):
+    sweep = tmp_path / "multirun"
+    out = _multirun(sweep, "hydra/launcher=submitit_local", *TINY, "trainer.num_threads=1",
+                    "noise.num_scales=5,10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job, levels in (("0", 5), ("1", 10)):
+        ckpt = load_checkpoint(sweep / job / "checkpoints" / "last.pt")
+        assert ckpt["step"] == 40 and len(ckpt["sigmas"]) == levels
+    table = run_cli("ncsn-eval", f"sweep={sweep}", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    rows = [line.split() for line in table.stdout.splitlines() if re.match(r"[01] ", line)]
+    assert [r[:3] for r in rows] == [["0", "noise.num_scales=5", "40"],
+                                     ["1", "noise.num_scales=10", "40"]]
+
+
+# ----------------------------------------------------------------------------- SLURM
+@needs_cluster
+def test_local_cluster_script_returns_at_once_when_up():
+    start = time.monotonic()
+    out = subprocess.run(["bash", str(REPO / "scripts" / "slurm_local.sh")], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "the cluster is up" in out.stdout
+    assert time.monotonic() - start < 10
+
+
+@needs_cluster
+def test_slurm_sweep_runs_every_point_to_the_end(tmp_path):
+    sweep = tmp_path / "multirun"
+    out = _multirun(sweep, *SLURM, *TINY, "noise.num_scales=5,10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for job, levels in (("0", 5), ("1", 10)):
+        ckpt = load_checkpoint(sweep / job / "checkpoints" / "last.pt")
+        assert ckpt["step"] == 40 and len(ckpt["sigmas"]) == levels
+    assert sorted(p.name for p in (sweep / ".submitit").iterdir()
+                  if re.fullmatch(r"\d+_\d+", p.name))[-1].endswith("_1")   # one job per point
+
+
+@needs_cluster
+def test_slurm_job_of_two_tasks_is_one_ddp_run_with_the_single_process_weights(tmp_path):
+    sweep = tmp_path / "multirun"
+    overrides = [*TINY, "trainer.num_threads=1", "noise.num_scales=5"]
+    out = _multirun(sweep, *SLURM, "hydra.launcher.tasks_per_node=2", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes" in (sweep / "0" / "train.log").read_text()
+    ddp = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")
+    single = load_checkpoint(training.train(compose_train(overrides), tmp_path / "single"))
+    assert ddp["step"] == single["step"] == 40
+    for part in ("model", "ema"):
+        for key, value in single[part].items():
+            torch.testing.assert_close(ddp[part][key], value, rtol=1e-5, atol=1e-6)
+
+
+def _slurm_job(sweep: Path, timeout: float = 120) -> str:
+    """The SLURM id of the sweep's first job: the name of submitit's folder that holds the
+    job's pickle (``.submitit/ID`` for one job, ``.submitit/ARRAY_TASK`` for several)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_submitted.pkl"))
+        if jobs:
+            return jobs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no SLURM job appeared under {sweep / '.submitit'}")
+
+
+def _wait_for(predicate, what: str, timeout: float, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep ended before {what}: {proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _squeue_state(job: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
+                          text=True, timeout=30).stdout.strip()
+
+
+# scontrol requeue: what a preemption does (SIGTERM, then the job goes back to the queue);
+# scancel --signal=USR2: submitit's warning before the time limit (the launcher's signal_delay_s),
+# whose handler requeues the job itself.
+@needs_cluster
+@pytest.mark.parametrize("interrupt", [["scontrol", "requeue"], ["scancel", "--signal=USR2"]],
+                         ids=["requeue", "usr2"])
+def test_slurm_job_stopped_mid_training_resumes_to_the_weights_of_an_unstopped_run(
+        tmp_path, interrupt):
+    overrides = [*TINY, "trainer.n_steps=2000", "trainer.ckpt_every=100",
+                 "trainer.num_threads=1", "noise.num_scales=5"]
+    sweep = tmp_path / "multirun"
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(BIN / "ncsn-train"), "-m", f"hydra.sweep.dir={sweep}", *SLURM,
+                             *overrides], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        job = _slurm_job(sweep)
+        last = sweep / "0" / "checkpoints" / "last.pt"
+        _wait_for(last.is_file, "the first checkpoint", 120, proc)
+        subprocess.run([*interrupt, job], check=True, timeout=30)
+        # A requeued job waits for its begin time (about two minutes); start it now.
+        _wait_for(lambda: _squeue_state(job).startswith("PENDING"), "the requeue", 60, proc)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True,
+                       timeout=30)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", job], timeout=30)
+    assert proc.returncode == 0, stderr[-3000:]
+    log = (sweep / "0" / "train.log").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed \S+ at step (\d+)", log)]
+    assert len(resumed) == 1 and 0 < resumed[0] < 2000, log[-3000:]
+    assert "requeued 1 time" in log
+
+    stopped = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")
+    straight = load_checkpoint(training.train(compose_train(overrides), tmp_path / "straight"))
+    assert stopped["step"] == straight["step"] == 2000
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            assert torch.equal(stopped[part][key], value), (part, key)
+
+
+# ----------------------------------------------------------------------------- the table
+def _fake_job(root: Path, num: int, overrides: list[str], step=None, test_losses=(),
+              evals=()) -> Path:
+    """A job folder as ncsn-train -m and ncsn-eval leave it."""
+    job = root / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if step is not None:
+        (job / "checkpoints").mkdir()
+        torch.save({"step": step, "model": {"w": torch.zeros(3)}}, job / "checkpoints" / "last.pt")
+    if test_losses:
+        writer = SummaryWriter(str(job / "tb"))
+        for s, loss in test_losses:
+            writer.add_scalar("test/loss", loss, s)
+        writer.close()
+    for stamp, report in evals:
+        (job / "eval" / stamp).mkdir(parents=True)
+        (job / "eval" / stamp / "metrics.json").write_text(json.dumps(report))
+    return job
+
+
+def test_sweep_table_reads_each_jobs_overrides_step_test_loss_and_newest_metrics(tmp_path):
+    common = ["trainer.n_steps=30", "dataset=moons"]
+    _fake_job(tmp_path, 0, common + ["noise.num_scales=5"], step=30,
+              test_losses=[(10, 2.0), (30, 0.5)],
+              evals=[("2026-01-01_00-00-00", {"metrics": {"swd": 3.0, "energy": 1.0}}),
+                     ("2026-01-02_00-00-00", {"metrics": {"swd": 2.0, "swd_std": 0.1}})])
+    # A checkpoint sweep (ncsn-eval run=): the last checkpoint's metrics.
+    _fake_job(tmp_path, 1, common + ["noise.num_scales=10"], step=20,
+              evals=[("2026-01-01_00-00-00", {"checkpoints": [{"metrics": {"swd": 9.0}},
+                                                              {"metrics": {"swd": 4.0}}]})])
+    _fake_job(tmp_path, 10, common + ["noise.num_scales=20"])    # not started yet
+    (tmp_path / ".submitit").mkdir()
+    rows = sweep_table(tmp_path)
+    assert [r.job for r in rows] == ["0", "1", "10"]
+    assert [(r.step, r.test_loss) for r in rows] == [(30, 0.5), (20, None), (None, None)]
+    assert [r.metrics for r in rows] == [{"swd": 2.0, "energy": 1.0}, {"swd": 4.0}, {}]
+    text = format_sweep_table(rows).splitlines()
+    assert text[0] == "every job: trainer.n_steps=30 dataset=moons"
+    assert text[2].split() == ["0", "noise.num_scales=5", "30", "0.5", "2", "1"]
+    assert text[4].split() == ["10", "noise.num_scales=20", "-", "-", "-", "-"]
+
+
+def test_ncsn_eval_sweep_prints_the_table_and_writes_it_beside_the_jobs(tmp_path):
+    _fake_job(tmp_path, 0, ["seed=1"], step=5)
+    _fake_job(tmp_path, 1, ["seed=2"], step=7)
+    out = run_cli("ncsn-eval", f"sweep={tmp_path}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[:3] for line in out.stdout.splitlines()[1:3]] == [
+        ["0", "seed=1", "5"], ["1", "seed=2", "7"]]
+    csv_file, = (tmp_path / "eval").glob("*/sweep_table.csv")
+    assert csv_file.read_text().splitlines()[1:] == ["0,seed=1,5,", "1,seed=2,7,"]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p / "absent", "is not a folder"),
+    (lambda p: p, "holds no job folders"),
+])
+def test_ncsn_eval_sweep_refuses_a_folder_that_is_not_a_multirun(tmp_path, make, message):
+    out = run_cli("ncsn-eval", f"sweep={make(tmp_path)}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
