@@ -19,7 +19,8 @@ register_eval_configs()
 SUMMARY = ("score samples and checkpoints (FID, IS, KID; digits and 2-D metrics) and compute "
            "reference statistics. Examples: ncsn-eval ckpt=RUN/checkpoints/last.pt "
            "metric=[fid,is]; ncsn-eval samples=DIR ref_stats=stats.npz; ncsn-eval run=RUN "
-           "n_samples=1000; ncsn-eval stats dataset=cifar10")
+           "n_samples=1000; ncsn-eval sweep=MULTIRUN_DIR (a table of ncsn-train -m's jobs); "
+           "ncsn-eval stats dataset=cifar10")
 
 
 @hydra.main(config_path=config_dir(), config_name="eval", version_base="1.3")
