@@ -146,7 +146,7 @@ class LangevinConfig(SamplerInitConfig):
 @dataclass
 class AnnealedLangevinConfig(SamplerInitConfig):
     name: str = "annealed_langevin"
-    step_lr: float = 2e-5
+    step_lr: float = 1e-5
     n_steps_each: int = 100
     denoise: bool = True
 
