@@ -126,3 +126,17 @@ def ncsnv2_step_lr(sigmas: Tensor, n_steps_each: int) -> float:
     two_over = 2 / (2 - a)
     value = (1 - a) ** (2 * n_steps_each) * (gamma ** 2 - two_over) + two_over
     return float(a[(value - 1).abs().argmin()] * float(sigmas[-1]) ** 2)
+
+
+class CountingNet:
+    """A score network ``net(x, sigma)`` that counts its evaluations: ``nfe`` is the number
+    of calls, each on a whole batch, so it is the network evaluations (NFE) of one chain.
+    Every sampler can be handed one: ``counted = CountingNet(net); sampler(counted, x);
+    counted.nfe``."""
+
+    def __init__(self, net: ScoreNet):
+        self.net, self.nfe = net, 0
+
+    def __call__(self, x: Tensor, sigma: Tensor | None) -> Tensor:
+        self.nfe += 1
+        return self.net(x, sigma)
