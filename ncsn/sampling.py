@@ -1,4 +1,6 @@
-"""Langevin samplers, in the convention of the authors' code.
+"""Samplers: Langevin dynamics in the convention of the authors' code, and the faster
+samplers of the later work on the same networks (score SDE's predictor-corrector and
+probability-flow ODE, EDM's Heun steps).
 
 Both repositories (ermongroup/ncsn, ermongroup/ncsnv2) step as
 
@@ -9,20 +11,31 @@ paper's Algorithm 1 prints the same step as x + (eps/2) s(x) + sqrt(eps) z, so i
 2 a: a step size eps_paper from the paper's form is ``step_lr = eps_paper / 2`` here. The
 published values (NCSN 2e-5; NCSNv2 6.2e-6, 3.3e-6, 4.9e-6, 1.8e-6) are the code's ``a``.
 
-Both samplers run under ``torch.no_grad()`` on a whole batch ``x`` of shape ``(B, ...)``
-and return the final batch, or ``(x, trajectory)`` with ``return_trajectory=True`` where
-``trajectory`` is a CPU tensor of shape ``(K, B, ...)`` of snapshots of the chain.
+Every sampler runs under ``torch.no_grad()`` on a whole batch ``x`` of shape ``(B, ...)``
+and returns the final batch, or ``(x, trajectory)`` with ``return_trajectory=True`` where
+``trajectory`` is a CPU tensor of shape ``(K, B, ...)`` of snapshots of the chain. Each call
+of the network is on the whole batch; :class:`CountingNet` counts them (NFE).
+
+The variance-exploding noise of NCSN has marginals x + sigma z, z ~ N(0, I) (score SDE,
+eq. 9 and 30), so the faster samplers need nothing but ``net(x, sigma)``: the reverse SDE
+in sigma^2, dx = -s(x, sigma) d(sigma^2) + dw, and its probability-flow ODE
+dx/dsigma = -sigma s(x, sigma), which with EDM's denoiser D(x; sigma) = x + sigma^2 s(x, sigma)
+is dx/dsigma = (x - D(x; sigma)) / sigma (EDM, eq. 4 with s(t) = 1, sigma(t) = t).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
+import numpy as np
 import torch
+from scipy.integrate import solve_ivp
 from torch import Tensor
 from tqdm.auto import tqdm
 
 ScoreFn = Callable[[Tensor], Tensor]
 ScoreNet = Callable[[Tensor, Tensor], Tensor]
+Known = Callable[[Tensor, Tensor], Tensor]     # known(x, sigma) -> x, sigma a 0-d tensor
 
 
 def quiet(progress: bool) -> bool | None:
@@ -140,3 +153,218 @@ class CountingNet:
     def __call__(self, x: Tensor, sigma: Tensor | None) -> Tensor:
         self.nfe += 1
         return self.net(x, sigma)
+
+
+# ----------------------------------------------------------------------------- sigma grids
+def table_subset(sigmas: Tensor, num_steps: int) -> Tensor:
+    """``num_steps`` levels of a table, evenly spaced in index from the first to the last
+    (a geometric table gives a geometric grid): ``(L,)`` -> ``(num_steps,)``. For networks
+    that can only look sigma up in their table."""
+    if not 2 <= num_steps <= len(sigmas):
+        raise ValueError(f"a subset of the {len(sigmas)} table levels needs 2 to {len(sigmas)} "
+                         f"steps, got num_steps={num_steps}")
+    index = torch.linspace(0, len(sigmas) - 1, num_steps, dtype=torch.float64).round().long()
+    return sigmas[index.to(sigmas.device)]
+
+
+def edm_sigmas(sigma_max: float, sigma_min: float, num_steps: int, rho: float = 7.0,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """EDM's schedule (Karras et al. 2022, eq. 5): sigma_i = (sigma_max^(1/rho) + i/(N-1)
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1, largest first: ``(N,)``."""
+    if num_steps < 2:
+        raise ValueError(f"EDM's schedule needs num_steps >= 2, got {num_steps}")
+    i = torch.arange(num_steps, dtype=torch.float64)
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return ((top + i / (num_steps - 1) * (bottom - top)) ** rho).to(dtype)
+
+
+def _apply(known: Known | None, x: Tensor, sigma: Tensor) -> Tensor:
+    return x if known is None else known(x, sigma)
+
+
+def _batch(sigma: Tensor, x: Tensor) -> Tensor:
+    return sigma.to(x.device, x.dtype).expand(x.shape[0])       # (B,)
+
+
+def _mean_norm(v: Tensor) -> Tensor:
+    return v.flatten(1).norm(dim=1).mean()
+
+
+# ----------------------------------------------------------------------------- predictor-corrector
+PREDICTORS = ("reverse_diffusion", "euler_maruyama")
+
+
+@torch.no_grad()
+def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0.16,
+                        n_corrector_steps: int = 1, predictor: str = "reverse_diffusion",
+                        denoise: bool = True, return_trajectory: bool = False,
+                        progress: bool = False, known: Known | None = None):
+    """Score SDE's predictor-corrector sampler for the VE SDE (Song et al. 2021, Algorithm 2),
+    in the order of their code's ``pc_sampler``: at each sigma_i of the grid, largest first,
+    ``n_corrector_steps`` Langevin corrector steps, then one predictor step to sigma_(i+1)
+    (sigma_N = 0). The paper's Algorithm 2 prints the predictor first and corrects at the
+    level it arrives at; the code corrects at sigma_0 and not after the last prediction.
+
+    Corrector (their ``LangevinCorrector``): x <- x + a s + sqrt(2a) z with the
+    signal-to-noise rule a = 2 (snr ||z|| / ||s||)^2, the norms per sample averaged over the
+    batch as in the code (Algorithm 4 prints eps = 2 (r ||z|| / ||s||)^2 alpha, alpha = 1).
+    Predictor ``reverse_diffusion`` (Algorithm 2's): x <- x + (sigma_i^2 - sigma_(i+1)^2) s
+    + sqrt(sigma_i^2 - sigma_(i+1)^2) z; ``euler_maruyama`` (their ``EulerMaruyamaPredictor``
+    on the VE SDE, sigma geometric in t, dt = 1/N): the same with h = 2 sigma_i^2
+    log(sigma_0 / sigma_(N-1)) / N in place of sigma_i^2 - sigma_(i+1)^2. With ``denoise``
+    the last predictor step's mean is returned (the code's ``noise_removal``; for the
+    reverse-diffusion predictor it is Tweedie's x + sigma_(N-1)^2 s): no extra evaluation.
+
+    ``x``: ``(B, ...)`` starting points, ~ N(0, sigma_0^2 I); ``sigmas``: ``(N,)`` the grid,
+    largest first. ``known(x, sigma)``, if given, is applied before every evaluation of the
+    network and to the result (inpainting). NFE: N (n_corrector_steps + 1). Snapshots: the start and the end
+    of every level.
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
+    sigmas = sigmas.to(x.device, x.dtype)
+    next_sigmas = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    em_scale = 2 * math.log(float(sigmas[0] / sigmas[-1])) / len(sigmas)
+    trajectory = [x.cpu()]
+    bar = tqdm(total=len(sigmas) * (n_corrector_steps + 1), desc="predictor-corrector",
+               unit="NFE", disable=quiet(progress), leave=False)
+    x_mean = x
+    for sigma, sigma_next in zip(sigmas, next_sigmas):
+        for _ in range(n_corrector_steps):
+            x = _apply(known, x, sigma)
+            score = net(x, _batch(sigma, x))
+            z = torch.randn_like(x)
+            a = 2 * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
+            x = x + a * score + (2 * a).sqrt() * z
+        x = _apply(known, x, sigma)
+        h = sigma ** 2 - sigma_next ** 2 if predictor == "reverse_diffusion" else em_scale * sigma ** 2
+        x_mean = x + h * net(x, _batch(sigma, x))
+        x = x_mean + h.sqrt() * torch.randn_like(x)
+        bar.update(n_corrector_steps + 1)
+        if return_trajectory:
+            trajectory.append((x_mean if denoise and sigma_next == 0 else x).cpu())
+    bar.close()
+    x = _apply(known, x_mean, sigmas.new_zeros(())) if denoise else _apply(known, x, sigmas[-1])
+    return (x, torch.stack(trajectory)) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------- probability flow
+@torch.no_grad()
+def probability_flow(net: ScoreNet, x: Tensor, sigma_max: float, sigma_min: float,
+                     rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
+                     denoise: bool = True, return_trajectory: bool = False,
+                     progress: bool = False, known: Known | None = None):
+    """The probability-flow ODE of the VE SDE, dx/dsigma = -sigma s(x, sigma) (score SDE,
+    eq. 13; EDM, eq. 4), from sigma_max down to sigma_min with scipy's adaptive
+    ``solve_ivp`` (``method`` RK45: Dormand-Prince, as score SDE's ``ode_sampler``).
+
+    It is solved in log sigma, dx/dlog(sigma) = -sigma^2 s(x, sigma): score SDE's time t
+    is affine in log sigma, so the solver's steps are theirs. The whole batch is one system
+    in float64, as in their code. With ``denoise``, one more evaluation at the end:
+    x + sigma_min^2 s(x, sigma_min) (Tweedie's formula, the code's final reverse-diffusion
+    step to sigma = 0).
+
+    ``x``: ``(B, ...)`` ~ N(0, sigma_max^2 I). ``known(x, sigma)``, if given, replaces the
+    known entries before every evaluation and at the end (the solver's own copy of them is
+    never read). NFE: the solver's function evaluations, plus one for ``denoise``.
+    Snapshots: 50 points evenly spaced in log sigma.
+    """
+    shape, device, dtype = x.shape, x.device, x.dtype
+    bar = tqdm(desc="probability flow", unit="NFE", disable=quiet(progress), leave=False)
+
+    def velocity(log_sigma: float, y: np.ndarray) -> np.ndarray:
+        sigma = torch.tensor(math.exp(log_sigma), device=device, dtype=dtype)
+        x_t = _apply(known, torch.from_numpy(y).reshape(shape).to(device, dtype), sigma)
+        bar.update(1)
+        return (-sigma ** 2 * net(x_t, _batch(sigma, x_t))).double().cpu().numpy().reshape(-1)
+
+    span = (math.log(sigma_max), math.log(sigma_min))
+    t_eval = np.linspace(*span, 50) if return_trajectory else None
+    solution = solve_ivp(velocity, span, x.double().cpu().numpy().reshape(-1), method=method,
+                         rtol=rtol, atol=atol, t_eval=t_eval)
+    if not solution.success:
+        bar.close()
+        raise RuntimeError(f"the probability-flow ODE solver failed: {solution.message}")
+    sigma = torch.tensor(sigma_min, device=device, dtype=dtype)
+    x = _apply(known, torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device, dtype), sigma)
+    if denoise:
+        x = _apply(known, x + sigma ** 2 * net(x, _batch(sigma, x)), sigma.new_zeros(()))
+        bar.update(1)
+    bar.close()
+    if not return_trajectory:
+        return x
+    trajectory = torch.from_numpy(solution.y.T).reshape(-1, *shape).to(dtype)
+    return x, torch.cat([trajectory, x.cpu()[None]])
+
+
+# ----------------------------------------------------------------------------- EDM's Heun sampler
+@torch.no_grad()
+def heun(net: ScoreNet, x: Tensor, sigmas: Tensor, S_churn: float = 0.0, S_tmin: float = 0.0,
+         S_tmax: float = float("inf"), S_noise: float = 1.0, return_trajectory: bool = False,
+         progress: bool = False, known: Known | None = None):
+    """EDM's sampler (Karras et al. 2022, Algorithm 2; Algorithm 1 when ``S_churn`` = 0),
+    with the denoiser of a score network, D(x; sigma) = x + sigma^2 s(x, sigma), so that
+    the ODE's slope is d = (x - D(x; sigma)) / sigma = -sigma s(x, sigma).
+
+    For i = 0..N-1 over the grid ``sigmas`` with sigma_N = 0: gamma_i =
+    min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax (else 0); sigma_hat =
+    (1 + gamma_i) sigma_i; x_hat = x + sqrt(sigma_hat^2 - sigma_i^2) S_noise z; an Euler
+    step x' = x_hat + (sigma_(i+1) - sigma_hat) d(x_hat, sigma_hat) and, except at the last
+    step (to sigma = 0, where the Euler step is Tweedie's denoising x_hat + sigma_hat^2 s),
+    the second-order correction x' = x_hat + (sigma_(i+1) - sigma_hat)(d + d(x', sigma_(i+1)))/2.
+
+    ``x``: ``(B, ...)`` ~ N(0, sigma_0^2 I); ``sigmas``: ``(N,)``, largest first (EDM's
+    schedule: :func:`edm_sigmas`). ``known(x, sigma)``, if given, is applied before every
+    evaluation and to the result (at sigma = 0). NFE: 2N - 1. Snapshots: the start and the
+    end of every step.
+    """
+    sigmas = sigmas.to(x.device, x.dtype)
+    n = len(sigmas)
+    next_sigmas = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    trajectory = [x.cpu()]
+    bar = tqdm(total=2 * n - 1, desc="heun", unit="NFE", disable=quiet(progress), leave=False)
+
+    def slope(y: Tensor, sigma: Tensor) -> Tensor:
+        return -sigma * net(y, _batch(sigma, y))                    # (y - D(y; sigma)) / sigma
+
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas, next_sigmas)):
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= float(sigma) <= S_tmax else 0.0
+        sigma_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + (sigma_hat ** 2 - sigma ** 2).sqrt() * S_noise * torch.randn_like(x)
+        x = _apply(known, x, sigma_hat)
+        d = slope(x, sigma_hat)
+        x_next = x + (sigma_next - sigma_hat) * d
+        if i < n - 1:
+            x_next = _apply(known, x_next, sigma_next)
+            x_next = x + (sigma_next - sigma_hat) * (d + slope(x_next, sigma_next)) / 2
+        x = x_next
+        bar.update(2 if i < n - 1 else 1)
+        if return_trajectory:
+            trajectory.append(x.cpu())
+    bar.close()
+    x = _apply(known, x, sigmas.new_zeros(()))
+    return (x, torch.stack(trajectory)) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------- inpainting
+class KnownValues:
+    """The ``known(x, sigma)`` hook of the samplers above for inpainting: the known entries
+    of ``x`` are set to y + sigma z, the data perturbed to the level the network is about
+    to see (score SDE's ``get_pc_inpainter``); the rest is left to the sampler.
+
+    ``fixed_noise=False`` draws z afresh at every call (score SDE's inpainter);
+    ``fixed_noise=True`` draws it once, so that the known entries follow the smooth path
+    y + sigma z (for the ODE). At sigma = 0 they are y exactly.
+
+    ``y``: ``(B, ...)`` data in model space; ``mask``: broadcastable to ``y``, True = known.
+    """
+
+    def __init__(self, y: Tensor, mask: Tensor, fixed_noise: bool = False):
+        self.where = mask.to(y.device).bool().expand_as(y)
+        self.y_known = y[self.where]                                # (N_known,)
+        self.z = torch.randn_like(self.y_known) if fixed_noise else None
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        z = self.z if self.z is not None else torch.randn_like(self.y_known)
+        return x.masked_scatter(self.where, self.y_known + sigma.to(x) * z)
