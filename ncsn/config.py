@@ -93,6 +93,11 @@ class NoiseConfig:
     sigma_end: float = 0.01
     num_scales: Any = 10             # an int, or "auto": NCSNv2's gamma rule
     n_subsample: int = 2000          # points used to measure the largest pairwise distance
+    continuous: bool = False         # train on sigma drawn per sample in [sigma_end, sigma_begin]
+                                     # (networks that take sigma as a value), not on the table
+    distribution: str = "log_uniform"  # continuous: log_uniform (score SDE) | log_normal (EDM)
+    P_mean: float = -1.2             # log_normal: log sigma ~ N(P_mean, P_std^2), truncated to
+    P_std: float = 1.2               # [sigma_end, sigma_begin]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -149,6 +154,37 @@ class AnnealedLangevinConfig(SamplerInitConfig):
     step_lr: float = 1e-5
     n_steps_each: int = 100
     denoise: bool = True
+
+
+@dataclass
+class PCConfig(SamplerInitConfig):
+    name: str = "pc"
+    num_steps: Optional[int] = None  # null: the sigma table's levels; N: N levels geometric between
+                                     # its ends (networks that look sigma up: N of the table's)
+    predictor: str = "reverse_diffusion"  # reverse_diffusion | euler_maruyama
+    snr: float = 0.16                # the Langevin corrector's signal-to-noise ratio
+    n_corrector_steps: int = 1
+    denoise: bool = True             # return the last predictor step's mean
+
+
+@dataclass
+class ODEConfig(SamplerInitConfig):
+    name: str = "ode"
+    rtol: float = 1e-5               # scipy solve_ivp's tolerances
+    atol: float = 1e-5
+    method: str = "RK45"             # a solve_ivp method: RK45 | RK23 | DOP853
+    denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma_min)
+
+
+@dataclass
+class HeunConfig(SamplerInitConfig):
+    name: str = "heun"
+    num_steps: Optional[int] = 18    # N steps, 2N - 1 evaluations; null: the sigma table's levels
+    rho: float = 7.0                 # EDM's schedule between the table's ends
+    S_churn: float = 0.0             # 0: EDM's deterministic Algorithm 1; > 0: Algorithm 2
+    S_tmin: float = 0.0
+    S_tmax: float = float("inf")
+    S_noise: float = 1.0
 
 
 # ----------------------------------------------------------------------------- training
@@ -249,7 +285,8 @@ SCHEMAS = {
     "noise": {"geometric": NoiseConfig},
     "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,
              "exact_sm": ExactSMConfig},
-    "sampler": {"langevin": LangevinConfig, "annealed_langevin": AnnealedLangevinConfig},
+    "sampler": {"langevin": LangevinConfig, "annealed_langevin": AnnealedLangevinConfig,
+                "pc": PCConfig, "ode": ODEConfig, "heun": HeunConfig},
     "optim": {"adam": OptimConfig},
     "trainer": {"default": TrainerConfig},
 }

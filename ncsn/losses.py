@@ -9,6 +9,7 @@ noise-conditional network is called as ``net(x, sigma)`` with ``sigma`` of shape
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable
@@ -62,6 +63,33 @@ def _randint(high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
 def draw_labels(n: int, n_levels: int, device: torch.device) -> Tensor:
     """One noise level per sample, uniform over the table: indices of shape ``(n,)``."""
     return _randint(n_levels, (n,), device)
+
+
+SIGMA_DISTRIBUTIONS = ("log_uniform", "log_normal")
+
+
+def draw_sigmas(n: int, sigma_begin: float, sigma_end: float, distribution: str = "log_uniform",
+                P_mean: float = -1.2, P_std: float = 1.2, like: Tensor | None = None) -> Tensor:
+    """Continuous noise levels, one per sample, in [sigma_end, sigma_begin]: shape ``(n,)``.
+
+    ``log_uniform``: log sigma uniform (score SDE's VE training: sigma_min (sigma_max /
+    sigma_min)^t, t ~ U(0, 1)). ``log_normal``: EDM's log sigma ~ N(P_mean, P_std^2),
+    truncated to the range (drawn by the inverse CDF from a uniform on [Phi(a), Phi(b)], so
+    there are no atoms at the ends, as clamping would make). ``like``: device and dtype.
+    """
+    if distribution not in SIGMA_DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {', '.join(SIGMA_DISTRIBUTIONS)}, "
+                         f"got {distribution!r}")
+    like = like if like is not None else torch.empty(0)
+    u = _global_draw(lambda s: torch.rand(s, device=like.device, dtype=torch.float64), (n,))
+    low, high = math.log(sigma_end), math.log(sigma_begin)
+    if distribution == "log_uniform":
+        log_sigma = low + (high - low) * u
+    else:
+        phi = lambda t: 0.5 * (1 + math.erf((t - P_mean) / (P_std * math.sqrt(2))))
+        u = phi(low) + (phi(high) - phi(low)) * u
+        log_sigma = (P_mean + P_std * torch.special.ndtri(u)).clamp(low, high)
+    return log_sigma.exp().to(like.dtype)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -160,17 +188,24 @@ def _broadcast(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.view(-1, *([1] * (x.dim() - 1)))                 # (B, 1, ..., 1)
 
 
+def _sample_sigma(x: Tensor, sigmas: Tensor, labels: Tensor | None,
+                  sigma: Tensor | None) -> Tensor:
+    if sigma is not None:
+        return sigma.to(x.device, x.dtype)
+    return _per_sample_sigma(x, sigmas, _draw_labels(x, sigmas, labels))
+
+
 def anneal_dsm(net: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor,
                anneal_power: float = 2.0, labels: Tensor | None = None,
-               reduction: str = "mean") -> Tensor:
+               reduction: str = "mean", sigma: Tensor | None = None) -> Tensor:
     """Annealed denoising score matching (NCSN, eq. 5-6):
     (1/L) sum_i lambda(sigma_i) l(sigma_i) with lambda(sigma) = sigma^anneal_power.
 
     Each sample's sigma is drawn uniformly from the table (or given by ``labels``, indices
-    into ``sigmas``); the network is called as ``net(x_tilde, sigma)``.
+    into ``sigmas``, or by ``sigma``, values ``(B,)``, for continuous noise levels); the
+    network is called as ``net(x_tilde, sigma)``.
     """
-    labels = _draw_labels(x, sigmas, labels)
-    sigma = _per_sample_sigma(x, sigmas, labels)
+    sigma = _sample_sigma(x, sigmas, labels, sigma)
     sigma_b = _broadcast(sigma, x)
     per_sample = denoising_score_matching(lambda y: net(y, sigma), x, sigma_b, reduction="none")
     return _reduce(per_sample * sigma ** anneal_power, reduction)
@@ -178,17 +213,17 @@ def anneal_dsm(net: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tenso
 
 def annealed(objective: Callable[..., Tensor], net: Callable[[Tensor, Tensor], Tensor],
              x: Tensor, sigmas: Tensor, anneal_power: float = 2.0,
-             labels: Tensor | None = None, reduction: str = "mean", **kwargs) -> Tensor:
+             labels: Tensor | None = None, reduction: str = "mean",
+             sigma: Tensor | None = None, **kwargs) -> Tensor:
     """Any score-matching objective, annealed over a sigma table with a noise-conditional
     network, as the original NCSN did with sliced score matching: perturb each sample with
     its own sigma, match the score of the perturbed data q_sigma with ``net(., sigma)``,
     and weight by sigma^anneal_power.
 
     ``objective`` is :func:`score_matching` or :func:`sliced_score_matching`; ``kwargs``
-    go to it.
+    go to it. ``labels`` or ``sigma`` as in :func:`anneal_dsm`.
     """
-    labels = _draw_labels(x, sigmas, labels)
-    sigma = _per_sample_sigma(x, sigmas, labels)
+    sigma = _sample_sigma(x, sigmas, labels, sigma)
     x_tilde = x + _broadcast(sigma, x) * _randn(tuple(x.shape), x)
     per_sample = objective(lambda y: net(y, sigma), x_tilde, reduction="none", **kwargs)
     return _reduce(per_sample * sigma ** anneal_power, reduction)

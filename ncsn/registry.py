@@ -15,8 +15,9 @@ from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.nets.ncsn import NCSN
 from ncsn.nets.ncsnv2 import NCSNv2
 from ncsn.nets.unet import UNet
-from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
-from ncsn.sampling import annealed_langevin, langevin
+from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for, sigma_index
+from ncsn.sampling import (annealed_langevin, edm_sigmas, heun, langevin, predictor_corrector,
+                           probability_flow, table_subset)
 
 
 class ConfigError(ValueError):
@@ -114,6 +115,25 @@ def is_conditional(model_cfg) -> bool:
     return model_cfg.name in CONDITIONAL_MODELS
 
 
+# What to choose instead of a network that can only look sigma up in its table.
+TABLE_ONLY_ALTERNATIVE = {"ncsn": "model=ncsnv2 or model=unet",
+                          "cond_mlp": "model.embedding=log_sigma"}
+
+
+def takes_sigma_values(model_cfg) -> bool:
+    """Whether a network conditions on sigma's value, so that any sigma works: ncsnv2 (whose
+    only conditioning is the division by sigma), unet and cond_mlp with the log-sigma
+    embedding; not ncsn or the multiplicative cond_mlp, which look sigma up in the table."""
+    if model_cfg.name == "cond_mlp":
+        return model_cfg.embedding == "log_sigma"
+    return model_cfg.name in ("ncsnv2", "unet")
+
+
+def _table_only_message(model_cfg) -> str:
+    return (f"model={model_cfg.name}" + (f" (embedding={model_cfg.embedding})"
+            if model_cfg.name == "cond_mlp" else "") + " can only look sigma up in its table")
+
+
 # ----------------------------------------------------------------------------- objectives
 Objective = Callable[[nn.Module, Tensor], "tuple[Tensor, Tensor | None]"]
 
@@ -127,15 +147,34 @@ def _check_conditioning(loss_cfg, model_cfg, annealed: bool) -> None:
                           f"unconditional network; use model=mlp, or loss.annealed=true")
 
 
-def build_objective(loss_cfg, model_cfg, sigmas: Tensor) -> Objective:
+def _check_continuous(loss_cfg, model_cfg, annealed: bool) -> None:
+    if not annealed:
+        raise ConfigError(f"noise.continuous=true draws sigma per sample for an annealed "
+                          f"objective, but loss={loss_cfg.name} is not annealed; use "
+                          f"loss=anneal_dsm (or loss.annealed=true), or noise.continuous=false")
+    if not takes_sigma_values(model_cfg):
+        raise ConfigError(f"noise.continuous=true draws sigma off the table, but "
+                          f"{_table_only_message(model_cfg)}; choose "
+                          f"{TABLE_ONLY_ALTERNATIVE[model_cfg.name]}, or noise.continuous=false")
+
+
+def build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg=None) -> Objective:
     """A training objective ``objective(net, x) -> (per_sample_loss (B,), labels (B,) | None)``
-    where ``labels`` index the sigma each sample was perturbed with (None: not annealed)."""
+    where ``labels`` index the sigma each sample was perturbed with (None: not annealed).
+
+    With ``noise_cfg.continuous`` each sample's sigma is drawn from ``noise_cfg.distribution``
+    between the table's ends (:func:`ncsn.losses.draw_sigmas`), and ``labels`` are the
+    nearest table levels in log sigma, so the per-level curves bin continuous sigma."""
     name = loss_cfg.name
     annealed = name == "anneal_dsm" or bool(loss_cfg.get("annealed", False))
     _check_conditioning(loss_cfg, model_cfg, annealed)
+    continuous = noise_cfg is not None and bool(noise_cfg.get("continuous", False))
+    if continuous:
+        _check_continuous(loss_cfg, model_cfg, annealed)
     if name == "anneal_dsm":
-        per_sample = lambda net, x, labels: losses.anneal_dsm(
-            net, x, sigmas.to(x.device), loss_cfg.anneal_power, labels, reduction="none")
+        per_sample = lambda net, x, labels, sigma=None: losses.anneal_dsm(
+            net, x, sigmas.to(x.device), loss_cfg.anneal_power, labels, reduction="none",
+            sigma=sigma)
     elif name == "dsm":
         sigma = loss_cfg.sigma if loss_cfg.sigma is not None else float(sigmas[-1])
         return lambda net, x: (losses.denoising_score_matching(
@@ -144,16 +183,32 @@ def build_objective(loss_cfg, model_cfg, sigmas: Tensor) -> Objective:
         objective, kwargs = _unannealed_objective(loss_cfg)
         if not annealed:
             return lambda net, x: (objective(lambda y: net(y, None), x, reduction="none", **kwargs), None)
-        per_sample = lambda net, x, labels: losses.annealed(
+        per_sample = lambda net, x, labels, sigma=None: losses.annealed(
             objective, net, x, sigmas.to(x.device), loss_cfg.anneal_power, labels,
-            reduction="none", **kwargs)
+            reduction="none", sigma=sigma, **kwargs)
     else:
         raise ConfigError(f"unknown loss {name!r}")
+
+    if continuous:
+        return _continuous_objective(per_sample, noise_cfg, sigmas)
 
     def annealed_objective(net, x):
         labels = losses.draw_labels(x.shape[0], len(sigmas), x.device)
         return per_sample(net, x, labels), labels
     return annealed_objective
+
+
+def _continuous_objective(per_sample, noise_cfg, sigmas: Tensor) -> Objective:
+    if noise_cfg.distribution not in losses.SIGMA_DISTRIBUTIONS:
+        raise ConfigError(f"noise.distribution must be one of "
+                          f"{', '.join(losses.SIGMA_DISTRIBUTIONS)}, got {noise_cfg.distribution!r}")
+    sigma_begin, sigma_end = float(sigmas[0]), float(sigmas[-1])
+
+    def continuous_objective(net, x):
+        sigma = losses.draw_sigmas(x.shape[0], sigma_begin, sigma_end, noise_cfg.distribution,
+                                   noise_cfg.P_mean, noise_cfg.P_std, x)
+        return per_sample(net, x, None, sigma), sigma_index(sigma, sigmas.to(x.device))
+    return continuous_objective
 
 
 def _unannealed_objective(loss_cfg):
@@ -180,14 +235,76 @@ def initial_samples(cfg, n: int, shape, sigmas: Tensor, device, generator=None) 
     raise ConfigError(f"sampler.init must be 'gaussian' or 'uniform', got {cfg.init!r}")
 
 
+ANNEALED_SAMPLERS = ("annealed_langevin", "pc", "ode", "heun")
+
+
 def check_sampler(sampler_cfg, model_cfg) -> None:
-    if sampler_cfg.name == "annealed_langevin" and not is_conditional(model_cfg):
-        raise ConfigError(f"sampler=annealed_langevin needs a noise-conditional network, but "
+    name = sampler_cfg.name
+    if name in ANNEALED_SAMPLERS and not is_conditional(model_cfg):
+        raise ConfigError(f"sampler={name} needs a noise-conditional network, but "
                           f"model={model_cfg.name} is unconditional; use sampler=langevin")
+    if name in ANNEALED_SAMPLERS and is_conditional(model_cfg) and not takes_sigma_values(model_cfg):
+        if name == "ode":
+            raise ConfigError(f"sampler=ode evaluates the network at whatever sigma the solver "
+                              f"picks, but {_table_only_message(model_cfg)}; use sampler=heun "
+                              f"or sampler=pc (they step on the table's levels)")
+        if name == "heun" and sampler_cfg.S_churn > 0:
+            raise ConfigError(f"sampler.S_churn > 0 raises sigma off the table, but "
+                              f"{_table_only_message(model_cfg)}; use sampler.S_churn=0")
 
 
-def build_sampler(cfg, sigmas: Tensor) -> Sampler:
-    """A sampler ``sampler(net, x_init, return_trajectory=False, progress=False)``."""
+def sigma_grid(cfg, sigmas: Tensor, table_only: bool = False) -> Tensor:
+    """The sigma levels pc and heun step through, largest first: the table when
+    ``num_steps`` is null; else ``num_steps`` levels between the table's ends, geometric
+    (pc, score SDE's VE discretization) or EDM's rho schedule (heun), or, for a network
+    that looks sigma up in its table (``table_only``), that many of the table's levels."""
+    try:
+        if cfg.num_steps is None:
+            return sigmas
+        if table_only:
+            return table_subset(sigmas, cfg.num_steps)
+        if cfg.name == "heun":
+            return edm_sigmas(float(sigmas[0]), float(sigmas[-1]), cfg.num_steps, cfg.rho,
+                              sigmas.dtype)
+        return geometric_sigmas(float(sigmas[0]), float(sigmas[-1]), cfg.num_steps, sigmas.dtype)
+    except ValueError as err:
+        raise ConfigError(f"sampler={cfg.name}: {err} (sampler.num_steps)") from None
+
+
+def planned_nfe(cfg, n_levels: int) -> int | None:
+    """Network evaluations (NFE) of one chain, known before it runs: annealed Langevin
+    L T (+1 for denoising), Langevin its n_steps, pc N (n_corrector_steps + 1), heun 2N - 1
+    (N: num_steps, or the table's L levels); None for the ODE, whose solver picks its steps."""
+    if cfg.name == "annealed_langevin":
+        return n_levels * cfg.n_steps_each + int(cfg.denoise)
+    if cfg.name == "langevin":
+        return cfg.n_steps
+    steps = cfg.get("num_steps") or n_levels
+    if cfg.name == "pc":
+        return steps * (cfg.n_corrector_steps + 1)
+    if cfg.name == "heun":
+        return 2 * steps - 1
+    return None
+
+
+def build_sampler(cfg, sigmas: Tensor, model_cfg=None) -> Sampler:
+    """A sampler ``sampler(net, x_init, return_trajectory=False, progress=False, known=None)``.
+    ``model_cfg`` tells pc and heun whether the network takes any sigma or only the table's
+    (without it: any sigma)."""
+    table_only = model_cfg is not None and not takes_sigma_values(model_cfg)
+    if cfg.name == "pc":
+        grid = sigma_grid(cfg, sigmas, table_only)
+        return lambda net, x, **kw: predictor_corrector(
+            net, x, grid.to(x.device), cfg.snr, cfg.n_corrector_steps, cfg.predictor,
+            cfg.denoise, **kw)
+    if cfg.name == "ode":
+        return lambda net, x, **kw: probability_flow(
+            net, x, float(sigmas[0]), float(sigmas[-1]), cfg.rtol, cfg.atol, cfg.method,
+            cfg.denoise, **kw)
+    if cfg.name == "heun":
+        grid = sigma_grid(cfg, sigmas, table_only)
+        return lambda net, x, **kw: heun(
+            net, x, grid.to(x.device), cfg.S_churn, cfg.S_tmin, cfg.S_tmax, cfg.S_noise, **kw)
     if cfg.name == "annealed_langevin":
         return lambda net, x, **kw: annealed_langevin(
             net, x, sigmas.to(x.device), cfg.step_lr, cfg.n_steps_each, cfg.denoise, **kw)

@@ -204,8 +204,8 @@ def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> R
                                  weight_decay=o.weight_decay, amsgrad=o.amsgrad)
     run = Run(cfg=cfg, run_dir=Path(run_dir), device=device, data=data, sigmas=sigmas, net=net,
               ema=ema, optimizer=optimizer,
-              objective=registry.build_objective(cfg.loss, cfg.model, sigmas),
-              sampler=registry.build_sampler(cfg.sampler, sigmas),
+              objective=registry.build_objective(cfg.loss, cfg.model, sigmas, cfg.noise),
+              sampler=registry.build_sampler(cfg.sampler, sigmas, cfg.model),
               data_generator=torch.Generator().manual_seed(cfg.seed),
               monitor=StepMonitor(len(sigmas), device))
     apply_speed_options(run)
@@ -547,12 +547,10 @@ def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 
         net.train()
 
 
-def network_evaluations(sampler_cfg, n_levels: int) -> int:
-    """Network evaluations (NFE) of one chain: annealed Langevin L T, plus one for the
-    denoising step; Langevin its n_steps."""
-    if sampler_cfg.name == "annealed_langevin":
-        return n_levels * sampler_cfg.n_steps_each + int(sampler_cfg.denoise)
-    return sampler_cfg.n_steps
+def network_evaluations(sampler_cfg, n_levels: int) -> int | None:
+    """Network evaluations (NFE) of one chain (:func:`ncsn.registry.planned_nfe`; None for
+    the ODE sampler, whose solver picks its steps)."""
+    return registry.planned_nfe(sampler_cfg, n_levels)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -584,6 +582,10 @@ def log_sampling_cost(run: Run, n: int) -> None:
     """Log what drawing ``n`` samples will cost before it starts: the sampler's network
     evaluations and a time estimate from timing one of them."""
     nfe = network_evaluations(run.cfg.sampler, len(run.sigmas))
+    if nfe is None:
+        log.info("step %d: sampling %d samples with %s: the solver picks the number of "
+                 "network evaluations", run.step, n, run.cfg.sampler.name)
+        return
     seconds = seconds_per_evaluation(run, n)
     log.info("step %d: sampling %d samples with %s: %d network evaluations of a batch of %d; "
              "one takes %.3g s, so about %s (trainer.n_plot_samples and the sampler's "
