@@ -32,6 +32,13 @@ class EvalOptions:
     digits_classifier: Optional[str] = None  # null: ~/.cache/ncsn/digits_classifier.pt
     swd_projections: int = 256               # directions of the sliced Wasserstein distance
     score_error_points: int = 2000           # points per noise level for score_error
+    nll_probes: int = 1                      # nll: Hutchinson probes per ODE solve
+    nll_probe: str = "rademacher"            # rademacher | gaussian
+    nll_exact_divergence: bool = False       # exact divergence (d backward passes; small d)
+    nll_rtol: float = 1e-5                   # RK45 tolerances of the probability-flow ODE
+    nll_atol: float = 1e-5
+    nll_sigma_min: Optional[float] = None    # null: the table's smallest sigma
+    nll_sigma_max: Optional[float] = None    # null: the table's largest sigma
     progress: bool = True                    # progress bars (only when stderr is a terminal)
 
 
@@ -52,6 +59,8 @@ METRICS = {
     "energy": Metric("points", "energy", True),     # energy distance to fresh data
     "score_error": Metric("score", "score_error", True),   # vs the exact mixture score, per
                                                            # sigma (mean relative error)
+    "nll": Metric("likelihood", "nll", True),       # test split's -log p (probability-flow
+                                                    # ODE): nats per sample, bits/dim
 }
 
 
@@ -90,6 +99,9 @@ def _check_applicable(name: str, kind: str, dataset_name: str | None, has_net: b
     if kind == "images" and metric_kind in ("points", "score"):
         raise ConfigError(f"metric={name} scores 2-D points, but these samples are images; "
                           f"use fid, is, kid or digits")
+    if name == "nll" and not has_net:
+        raise ConfigError("metric=nll scores the test split under a checkpoint's network; "
+                          "give ckpt=PATH or run=RUN_DIR, not samples")
     if name == "score_error" and not (has_net and dataset_name == "gaussian_mixture"):
         raise ConfigError("metric=score_error compares a checkpoint's network with the exact "
                           "score of dataset=gaussian_mixture; give ckpt= of such a run")

@@ -10,6 +10,8 @@ from typing import Sequence
 from ncsn.evaluate.options import METRICS
 from ncsn.evaluate.scoring import Scores, best_of
 
+NLL_KEYS = ("nll", "bpd", "nll_nfe")        # metric=nll: counted over the test samples
+
 
 def format_table(scores: Scores) -> str:
     """The scores as a text table: metric, value, std, sample count, reference."""
@@ -21,9 +23,10 @@ def format_table(scores: Scores) -> str:
         std = scores.values.get(f"{key}_std")
         std_text = f"{std:.6g}" if std is not None else ""
         n = scores.details.get("score_error_points", 0) if key == "score_error" \
-            else scores.n_samples
+            else scores.details.get("nll_points", 0) if key in NLL_KEYS else scores.n_samples
         ref = {"is": "", "digits_confidence": "", "score_error": "",
-               "digits_fid": "the 360 held-out digits"}.get(key, reference)
+               "digits_fid": "the 360 held-out digits", "nll": "the test split",
+               "bpd": "the test split", "nll_nfe": ""}.get(key, reference)
         lines.append(f"{key:<18}{value:>14.6g}{std_text:>12}{n:>11}  {ref}")
     if "digits_histogram" in scores.details:
         counts = "  ".join(f"{d}:{c}" for d, c in enumerate(scores.details["digits_histogram"]))

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ncsn import registry
 from ncsn.checkpoint import STEP_FILE, CheckpointError
+from ncsn.evaluate.nll import score_nll
 from ncsn.evaluate.options import FID_SAMPLES, METRICS, EvalOptions, as_dict, progress
 from ncsn.evaluate.reference import Reference
 from ncsn.evaluate.streams import ImageScorer
@@ -218,7 +219,7 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
     reference = toy_reference(ckpt["config"]["dataset"], draw.seed) if kind == "points" else None
     batches = sample_batches(ckpt, draw.n_samples, draw.batch_size, draw.seed, sampler_cfg,
                              draw.use_ema, tools.device)
-    sample_metrics = [m for m in metrics if m != "score_error"]
+    sample_metrics = [m for m in metrics if METRICS[m].kind not in ("score", "likelihood")]
     scores = score_stream(batches if sample_metrics else [], draw.n_samples, sample_metrics,
                           tools, reference, draw.seed)
     scores.n_samples = draw.n_samples if sample_metrics else 0
@@ -226,6 +227,8 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
                      "dataset": name, "sampler": OmegaConf.to_container(sampler_cfg)}
     if "score_error" in metrics:
         _score_error(ckpt, draw, tools, scores)
+    if "nll" in metrics:
+        score_nll(ckpt, draw, tools, scores)
     return scores
 
 
