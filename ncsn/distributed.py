@@ -174,11 +174,11 @@ FAILURE_KEY = "ncsn/first_failure"
 def first_failure(err: Exception) -> Exception:
     """The error this rank should stop with after ``err`` in the training loop.
 
-    A rank that fails posts its message in the process group's key-value store, before it
-    exits; the ranks that then lose it inside a collective (gloo: "Connection closed by
-    peer") find that message and stop with it (:class:`RankFailed`), so the run ends with the
-    first failing rank's one line on every rank. Without the store (the rank that hosted it
-    is gone), ``err`` itself.
+    The first rank to fail posts its message in the process group's key-value store before
+    it exits; the ranks that then lose it inside a collective (gloo: "Connection closed by
+    peer") read that message and stop with it (:class:`RankFailed`), so every rank ends with
+    the failing rank's one line. The store lives in rank 0's process (torchrun: in its
+    agent's); when it cannot be reached, rank 0 is the one that failed, and said why.
     """
     if not is_distributed():
         return err
@@ -187,8 +187,9 @@ def first_failure(err: Exception) -> Exception:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=10))
         first = json.loads(store.compare_set(FAILURE_KEY, "", mine).decode() or mine)
-    except Exception:               # the store went with the rank that failed
-        return err
+    except Exception:               # the store went with rank 0
+        return RankFailed(f"rank 0 stopped (its message is above); rank {rank()} lost it "
+                          f"({type(err).__name__})")
     failed_rank, message, code = first
     return err if failed_rank == rank() else RankFailed(f"rank {failed_rank}: {message}", code)
 

@@ -39,16 +39,18 @@ def _worker(rank, world, port, overrides, run_dirs, out_dir, fault):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init_distributed()
-    if rank == 1 and fault == "build":
+    failing = 0 if fault.endswith("_rank0") else 1              # the rank that faults
+    fault = fault.removesuffix("_rank0") if rank == failing else ""
+    if fault == "build":
         def broken(cfg):
-            raise registry.ConfigError("dataset broken on rank 1 only")
+            raise registry.ConfigError(f"dataset broken on rank {rank} only")
         registry.build_data = broken
-    if rank == 1 and fault in ("step", "signal"):
+    if fault in ("step", "signal"):
         real = training.train_step
 
         def faulty(run, x):
             if run.step == 2 and fault == "step":
-                raise RuntimeError("rank 1 fell over at step 3")
+                raise RuntimeError(f"rank {rank} fell over at step 3")
             stats = real(run, x)
             if run.step == 2 and fault == "signal":
                 os.kill(os.getpid(), signal.SIGUSR1)          # only this rank is signalled
@@ -155,17 +157,19 @@ def test_ddp_stops_together_on_one_ranks_signal_and_resumes_exactly(tmp_path, on
     assert_same_weights(load_checkpoint(run_dirs[0] / "checkpoints" / "last.pt"), one_process)
 
 
-@pytest.mark.parametrize("fault", ["build", "step"])
+@pytest.mark.parametrize("fault", ["build", "step", "build_rank0", "step_rank0"])
 def test_a_failure_on_one_rank_ends_both_with_its_message(tmp_path, fault):
     outcomes = run_two_ranks(tmp_path, RUN, [tmp_path / "run"] * 2, fault=fault)
     assert all("error" in o for o in outcomes), outcomes
-    if fault == "build":
-        assert outcomes[1]["error"] == "ConfigError"
-        assert outcomes[0]["error"] == "RankFailed"
-        assert outcomes[0]["message"] == "rank 1: dataset broken on rank 1 only"
+    bad = 0 if fault.endswith("_rank0") else 1
+    own = {"build": f"dataset broken on rank {bad} only", "step": f"rank {bad} fell over at step 3"}
+    assert outcomes[bad]["message"] == own[fault.removesuffix("_rank0")]
+    assert outcomes[1 - bad]["error"] == "RankFailed"
+    if fault == "step_rank0":
+        # The store of messages lived in rank 0's process: the other rank points to it.
+        assert outcomes[1]["message"].startswith("rank 0 stopped (its message is above)")
     else:
-        assert outcomes[1]["message"] == "rank 1 fell over at step 3"
-        assert outcomes[0]["error"] == "RankFailed"
+        assert outcomes[1 - bad]["message"] == f"rank {bad}: {outcomes[bad]['message']}"
     assert not (tmp_path / "run" / "checkpoints" / "step_00000003.pt").exists()
 
 
@@ -258,14 +262,29 @@ def test_ranks_come_from_torchrun_or_a_slurm_step_not_the_batch_script():
     assert distributed.process_env({}) is None
 
 
-def test_torchrun_ranks_share_one_run_directory(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "-m", "ncsn.cli.train", *RUN]
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_the_ranks_of_a_launch_share_one_run_directory(tmp_path, launcher):
+    # No hydra.run.dir: Hydra's time-stamped folder must be rank 0's on both ranks.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(torchrun, capture_output=True, text=True, cwd=tmp_path, env=env,
-                            timeout=240, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train = [sys.executable, "-m", "ncsn.cli.train", *RUN]
+    if launcher == "torchrun":
+        commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc_per_node=2", *train[1:]]]
+        envs = [env]
+    else:                                   # two tasks of an srun step, as SLURM starts them
+        job = {"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "localhost",
+               "SLURM_JOB_ID": str(free_port()), "SLURM_RESTART_COUNT": "1"}
+        commands = [train, train]
+        envs = [{**env, **job, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)} for r in (0, 1)]
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  cwd=tmp_path, env=e, stdin=subprocess.DEVNULL)
+                 for c, e in zip(commands, envs)]
+    for process in processes:
+        _, stderr = process.communicate(timeout=240)
+        assert process.returncode == 0, stderr[-3000:]
     run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/config.yaml")]
-    assert len(run_dirs) == 1, run_dirs
+    assert len(run_dirs) == 1, list((tmp_path / "outputs").glob("*/*"))
     log = (run_dirs[0] / "train.log").read_text()
     assert log.count("step 6: checkpoint") == 1 and "2 processes" in log
+    if launcher == "slurm":
+        assert "requeued 1 time(s)" in log
