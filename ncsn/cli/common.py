@@ -90,7 +90,11 @@ def print_help(prog: str, config_name: str, summary: str, argv: list[str],
         if groups is not None and group.name not in groups:
             continue
         options = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
-        print(f"{group.name}: {options}")
+        if options:
+            print(f"{group.name}: {options}")
+    if config_name == "train":
+        print("hydra/launcher: slurm, submitit_local (sweeps: ncsn-train -m ...; "
+              "pip install 'ncsn[slurm]')")
     overrides = [a for a in argv if a not in ("--help", "-h")]
     with initialize_config_dir(str(root), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)
