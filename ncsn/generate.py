@@ -2,7 +2,7 @@
 config and sigma table), then run a sampler in batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +16,7 @@ from ncsn.checkpoint import CheckpointError, load_checkpoint
 from ncsn.config import SCHEMAS
 from ncsn.data.images import IMAGE_DATASETS, image_config, model_space
 from ncsn.image_sampling import TrajectoryRecorder
+from ncsn.sampling import CountingNet
 from ncsn.train import plain_ema_state, resolve_device
 
 
@@ -61,6 +62,16 @@ class CheckpointSampler:
     dataset_cfg: DictConfig
     shape: tuple[int, ...]               # one sample
     device: torch.device
+    model_cfg: DictConfig | None = None  # tells pc and heun whether sigma must be a table level
+    nfe: list[int] = field(default_factory=list)   # network evaluations of each batch run
+
+    def nfe_summary(self) -> str:
+        """The network evaluations per sample of the batches run so far, e.g. ``"35"`` or,
+        for the adaptive ODE solver, ``"104.5 (98 to 111 over 2 batches)"``."""
+        if not self.nfe or min(self.nfe) == max(self.nfe):
+            return str(self.nfe[0]) if self.nfe else "none"
+        return (f"{sum(self.nfe) / len(self.nfe):.1f} ({min(self.nfe)} to {max(self.nfe)} "
+                f"over {len(self.nfe)} batches)")
 
     @property
     def is_image(self) -> bool:
@@ -82,8 +93,13 @@ class CheckpointSampler:
                                         self.device, generator)
 
     def run(self, x: Tensor, **kwargs):
-        """The configured sampler on ``x`` (keyword arguments as the sampler takes them)."""
-        return registry.build_sampler(self.sampler_cfg, self.sigmas)(self.net, x, **kwargs)
+        """The configured sampler on ``x`` (keyword arguments as the sampler takes them);
+        its network evaluations are appended to ``nfe``."""
+        net = CountingNet(self.net)
+        sampler = registry.build_sampler(self.sampler_cfg, self.sigmas, self.model_cfg)
+        out = sampler(net, x, **kwargs)
+        self.nfe.append(net.nfe)
+        return out
 
     def batches(self, n_samples: int, batch_size: int | None = None, seed: int = 0,
                 recorder: TrajectoryRecorder | None = None, return_trajectory: bool = False,
@@ -123,7 +139,7 @@ def load_sampler(ckpt: dict, sampler_cfg=None, use_ema: bool = True,
     device = resolve_device(device) if isinstance(device, str) else device
     return CheckpointSampler(model_from_checkpoint(ckpt, use_ema, device),
                              ckpt["sigmas"].to(device), sampler_cfg, cfg.dataset,
-                             tuple(ckpt["data_shape"]), device)
+                             tuple(ckpt["data_shape"]), device, cfg.model)
 
 
 def sample_batches(ckpt: dict, n_samples: int, batch_size: int | None = None, seed: int = 0,

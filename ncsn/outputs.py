@@ -28,6 +28,7 @@ from ncsn.generate import CheckpointSampler, load_sampler
 from ncsn.image_io import SAVE_AS, load_images, save_gif, save_picture, save_strip, write_stream
 from ncsn.image_sampling import (TrajectoryRecorder, inpaint, interpolate, make_mask,
                                  masked_picture)
+from ncsn.sampling import KnownValues
 
 log = logging.getLogger(__name__)
 IMAGE_BATCH_SIZE = 100          # images drawn at once when batch_size is null
@@ -47,8 +48,13 @@ def write_samples(ckpt: dict, sampler_cfg, cfg, out: Path) -> Path:
         if cfg.mode != "sample":
             raise registry.ConfigError(f"mode={cfg.mode} works on images; this checkpoint "
                                        f"holds points of shape {sampler.shape}")
-        return write_points(sampler, cfg, out)
-    return jobs[cfg.mode](sampler, cfg, out)
+        written = write_points(sampler, cfg, out)
+    else:
+        written = jobs[cfg.mode](sampler, cfg, out)
+    if sampler.nfe:
+        log.info("NFE: %s network evaluations per sample (sampler=%s)", sampler.nfe_summary(),
+                 sampler.sampler_cfg.name)
+    return written
 
 
 def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
@@ -69,12 +75,32 @@ def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     return out / "samples.npz"
 
 
+INPAINTING_SAMPLERS = ("annealed_langevin", "pc", "ode", "heun")
+
+
 def _sampler_keys(sampler: CheckpointSampler, mode: str):
-    """The annealed Langevin settings that inpainting and interpolation reuse."""
-    if sampler.sampler_cfg.name != "annealed_langevin":
-        raise registry.ConfigError(f"mode={mode} runs annealed Langevin dynamics; use "
-                                   f"sampler=annealed_langevin, not {sampler.sampler_cfg.name}")
+    """The sampler settings that inpainting (any annealed sampler) and interpolation
+    (annealed Langevin) reuse."""
+    allowed = INPAINTING_SAMPLERS if mode == "inpaint" else ("annealed_langevin",)
+    if sampler.sampler_cfg.name not in allowed:
+        raise registry.ConfigError(f"mode={mode} runs one of {', '.join(allowed)}; "
+                                   f"not sampler={sampler.sampler_cfg.name}")
     return sampler.sampler_cfg
+
+
+def _complete(sampler: CheckpointSampler, images: torch.Tensor, mask: torch.Tensor,
+              x_init: torch.Tensor) -> torch.Tensor:
+    """Completions of data-space ``images`` (known where ``mask``) by the configured
+    sampler, the known pixels set to the data perturbed to each level the network sees."""
+    s = sampler.sampler_cfg
+    if s.name == "annealed_langevin":
+        return inpaint(sampler.net, images, mask, sampler.sigmas, s.step_lr, s.n_steps_each,
+                       s.denoise, x_init=x_init, to_model=sampler.to_model,
+                       to_data=sampler.to_data, progress=True)
+    # the ODE's known pixels follow one smooth path y + sigma z; pc and heun redraw z
+    known = KnownValues(sampler.to_model(images), mask, fixed_noise=s.name == "ode")
+    x = sampler.run(x_init, known=known, progress=True)
+    return torch.where(mask.to(images.device), images, sampler.to_data(x))
 
 
 def write_images(sampler: CheckpointSampler, cfg, out: Path) -> Path:
@@ -115,7 +141,8 @@ def known_images(sampler: CheckpointSampler, inpaint_cfg) -> torch.Tensor:
 
 def write_inpainting(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     """Complete each known image ``inpaint.n_completions`` times (NCSN, Section 5)."""
-    s, c = _sampler_keys(sampler, "inpaint"), cfg.inpaint
+    _sampler_keys(sampler, "inpaint")
+    c = cfg.inpaint
     images = known_images(sampler, c)
     generator = torch.Generator().manual_seed(cfg.seed)
     fraction = c.fraction if c.fraction is not None else MASK_FRACTION.get(c.mask, 0.5)
@@ -128,10 +155,8 @@ def write_inpainting(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     batch = cfg.batch_size or IMAGE_BATCH_SIZE
     completions = torch.cat([
-        inpaint(sampler.net, y[i:i + batch].to(sampler.device), m[i:i + batch], sampler.sigmas,
-                s.step_lr, s.n_steps_each, s.denoise,
-                x_init=sampler.initial(len(y[i:i + batch]), generator),
-                to_model=sampler.to_model, to_data=sampler.to_data, progress=True).cpu()
+        _complete(sampler, y[i:i + batch].to(sampler.device), m[i:i + batch],
+                  sampler.initial(len(y[i:i + batch]), generator)).cpu()
         for i in range(0, len(y), batch)]).view(len(images), c.n_completions, *images.shape[1:])
     rows = torch.cat([masked_picture(images, mask)[:, None], completions, images[:, None]], 1)
     save_picture(rows.flatten(0, 1), out / "inpainting.png", nrow=rows.shape[1])

@@ -201,7 +201,8 @@ def build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg=None) -> Obje
 def _continuous_objective(per_sample, noise_cfg, sigmas: Tensor) -> Objective:
     if noise_cfg.distribution not in losses.SIGMA_DISTRIBUTIONS:
         raise ConfigError(f"noise.distribution must be one of "
-                          f"{', '.join(losses.SIGMA_DISTRIBUTIONS)}, got {noise_cfg.distribution!r}")
+                          f"{', '.join(losses.SIGMA_DISTRIBUTIONS)}, "
+                          f"got {noise_cfg.distribution!r}")
     sigma_begin, sigma_end = float(sigmas[0]), float(sigmas[-1])
 
     def continuous_objective(net, x):
@@ -243,7 +244,7 @@ def check_sampler(sampler_cfg, model_cfg) -> None:
     if name in ANNEALED_SAMPLERS and not is_conditional(model_cfg):
         raise ConfigError(f"sampler={name} needs a noise-conditional network, but "
                           f"model={model_cfg.name} is unconditional; use sampler=langevin")
-    if name in ANNEALED_SAMPLERS and is_conditional(model_cfg) and not takes_sigma_values(model_cfg):
+    if name in ANNEALED_SAMPLERS and not takes_sigma_values(model_cfg):
         if name == "ode":
             raise ConfigError(f"sampler=ode evaluates the network at whatever sigma the solver "
                               f"picks, but {_table_only_message(model_cfg)}; use sampler=heun "

@@ -217,8 +217,8 @@ def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0
 
     ``x``: ``(B, ...)`` starting points, ~ N(0, sigma_0^2 I); ``sigmas``: ``(N,)`` the grid,
     largest first. ``known(x, sigma)``, if given, is applied before every evaluation of the
-    network and to the result (inpainting). NFE: N (n_corrector_steps + 1). Snapshots: the start and the end
-    of every level.
+    network and to the result (inpainting). NFE: N (n_corrector_steps + 1). Snapshots: the
+    start and the end of every level.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
@@ -237,7 +237,10 @@ def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0
             a = 2 * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
             x = x + a * score + (2 * a).sqrt() * z
         x = _apply(known, x, sigma)
-        h = sigma ** 2 - sigma_next ** 2 if predictor == "reverse_diffusion" else em_scale * sigma ** 2
+        if predictor == "reverse_diffusion":
+            h = sigma ** 2 - sigma_next ** 2
+        else:
+            h = em_scale * sigma ** 2
         x_mean = x + h * net(x, _batch(sigma, x))
         x = x_mean + h.sqrt() * torch.randn_like(x)
         bar.update(n_corrector_steps + 1)
