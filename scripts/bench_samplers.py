@@ -1,0 +1,338 @@
+"""Benchmark: sample quality against network evaluations (NFE) for every sampler, from the
+same trained checkpoints, on the Swiss roll and the 8x8 digits; writes docs/SAMPLERS.md and
+docs/samplers.png.
+
+    python scripts/bench_samplers.py [--swiss-ckpt RUN/checkpoints/last.pt]
+                                     [--digits-ckpt RUN/checkpoints/last.pt]
+                                     [--n-swiss 2000] [--n-digits 300] [--swiss-seeds 3]
+                                     [--json docs/samplers.json] [--render-only]
+
+Without a checkpoint the script trains one with the setup's experiment file
+(``experiment=swissroll``, ``experiment=digits``). Each sampler runs on one batch of
+``n`` samples per seed, on one CPU thread: annealed Langevin with the checkpoint's own
+settings (the setup's budget), EDM's Heun sampler (deterministic, and one stochastic
+setting), score SDE's predictor-corrector and the probability-flow ODE at several budgets.
+Quality: the sliced Wasserstein distance to fresh Swiss-roll points (lower is better; its
+noise floor is the distance between two fresh sets of the same size) and, on the digits, the
+Frechet distance in the digits classifier's feature space to the 360 held-out digits and the
+classifier's mean confidence (ncsn.metrics.digits). Results are saved to the JSON file after
+every row; ``--render-only`` rewrites the page and the plot from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ncsn import registry
+from ncsn.checkpoint import load_checkpoint
+from ncsn.config import config_dir, register_configs
+from ncsn.evaluate.scoring import toy_reference
+from ncsn.generate import model_from_checkpoint, sampler_config
+from ncsn.metrics import sliced_wasserstein
+from ncsn.metrics.digits import digits_metrics, digits_split, load_digits_classifier
+from ncsn.sampling import CountingNet
+from ncsn.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND = "OMP_NUM_THREADS=1 python scripts/bench_samplers.py"
+
+# (label, sampler config replacing the checkpoint's; None: the checkpoint's own sampler)
+SETTINGS = (
+    [("annealed_langevin", None)]
+    + [(f"heun N={n}", {"name": "heun", "num_steps": n}) for n in (3, 4, 6, 10, 18, 30)]
+    + [("heun N=18 S_churn=10", {"name": "heun", "num_steps": 18, "S_churn": 10.0})]
+    + [(f"pc N={n}", {"name": "pc", "num_steps": n}) for n in (5, 10, 20, 50, 100)]
+    + [(f"ode rtol={tol:g}", {"name": "ode", "rtol": tol, "atol": tol})
+       for tol in (1e-1, 1e-2, 1e-3, 1e-5)]
+)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def train_experiment(name: str, run_dir: Path) -> Path:
+    register_configs()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}", "trainer.progress=false",
+                                          "trainer.num_threads=1"])
+    return train(cfg, run_dir)
+
+
+def describe(ckpt: dict) -> str:
+    cfg, sigmas = ckpt["config"], ckpt["sigmas"]
+    return (f"model={cfg['model']['name']}, {int(ckpt['step'])} steps, {len(sigmas)} noise "
+            f"levels from {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}")
+
+
+# ----------------------------------------------------------------------------- sampling
+def draw(ckpt: dict, net, replace: dict | None, n: int,
+         seed: int) -> tuple[torch.Tensor, int, float]:
+    """(samples in data space, NFE, seconds) of one batch of ``n``."""
+    cfg = ckpt["config"]
+    sampler_cfg = sampler_config(cfg["sampler"], replace=replace)
+    sampler = registry.build_sampler(sampler_cfg, ckpt["sigmas"], OmegaConf.create(cfg["model"]))
+    generator = torch.Generator().manual_seed(seed)
+    x = registry.initial_samples(sampler_cfg, n, tuple(ckpt["data_shape"]), ckpt["sigmas"],
+                                 "cpu", generator)
+    torch.manual_seed(seed)
+    counted = CountingNet(net)
+    start = time.perf_counter()
+    x = sampler(counted, x)
+    seconds = time.perf_counter() - start
+    samples = registry.data_space_map(OmegaConf.create(cfg["dataset"]))(x)
+    return samples, counted.nfe, seconds
+
+
+def swiss_rows(ckpt: dict, n: int, seeds: int, result: dict, save) -> None:
+    """Every setting, ``seeds`` batches each, into ``result``: SWD to fresh points (mean,
+    std over seeds); ``save()`` after every row."""
+    net = model_from_checkpoint(ckpt)
+    fresh = [toy_reference(ckpt["config"]["dataset"], seed) for seed in range(seeds)]
+    floor = [sliced_wasserstein(fresh[s](n), toy_reference(ckpt["config"]["dataset"],
+                                                            seeds + s)(n), seed=s)
+             for s in range(seeds)]
+    result.update(checkpoint=describe(ckpt), n=n, seeds=seeds, floor=_mean_std(floor),
+                  rows=[])
+    for label, replace in SETTINGS:
+        runs = [draw(ckpt, net, replace, n, seed) for seed in range(seeds)]
+        swd = [sliced_wasserstein(x.double(), fresh[s](n), seed=s)
+               for s, (x, _, _) in enumerate(runs)]
+        result["rows"].append({"sampler": label, "nfe": _mean([r[1] for r in runs]),
+                               "swd": _mean_std(swd), "seconds": _mean([r[2] for r in runs])})
+        _print_row("swiss", result["rows"][-1])
+        save()
+
+
+def digits_rows(ckpt: dict, n: int, result: dict, save) -> None:
+    """Every setting, one batch, into ``result``: classifier-feature FID to the held-out
+    digits, confidence; ``save()`` after every row."""
+    net = model_from_checkpoint(ckpt)
+    classifier = load_digits_classifier()
+    train_split, _, heldout, _ = digits_split()
+    generator = torch.Generator().manual_seed(0)
+    real = digits_metrics(train_split[torch.randperm(len(train_split), generator=generator)[:n]],
+                          classifier)
+    result.update(checkpoint=describe(ckpt), n=n, rows=[],
+                  real={"fid": real["fid"], "confidence": real["confidence"]})
+    for label, replace in SETTINGS:
+        x, nfe, seconds = draw(ckpt, net, replace, n, seed=0)
+        scores = digits_metrics(x.float(), classifier)
+        result["rows"].append({"sampler": label, "nfe": nfe, "fid": scores["fid"],
+                               "confidence": scores["confidence"], "seconds": seconds,
+                               "classes": int((torch.tensor(scores["histogram"]) > 0).sum())})
+        _print_row("digits", result["rows"][-1])
+        save()
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def _mean_std(values) -> list[float]:
+    mean = _mean(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return [mean, math.sqrt(var)]
+
+
+def _print_row(setup: str, row: dict) -> None:
+    print(setup, json.dumps(row), flush=True)
+
+
+# ----------------------------------------------------------------------------- verdicts
+def family(label: str) -> str:
+    return label.split()[0]
+
+
+def swiss_verdict(result: dict) -> str:
+    rows = result["rows"]
+    langevin = rows[0]
+    budget = langevin["nfe"] / 10
+    cheap = [r for r in rows[1:] if r["nfe"] <= budget]
+    if not cheap:
+        return f"no sampler setting ran at <= {budget:g} NFE"
+    best = min(cheap, key=lambda r: r["swd"][0])
+    # the noise of a difference of two means over the seeds
+    noise = math.sqrt(langevin["swd"][1] ** 2 + best["swd"][1] ** 2) / math.sqrt(result["seeds"])
+    gap = best["swd"][0] - langevin["swd"][0]
+    met = gap <= 2 * noise
+    judged = "lower" if gap <= 0 else f"{'within' if met else 'outside'} twice the noise"
+    return (f"**{'met' if met else 'not met'}**: {best['sampler']} at {best['nfe']:.0f} NFE "
+            f"(<= {budget:g}, one tenth of annealed Langevin's {langevin['nfe']:.0f}) reaches "
+            f"SWD {best['swd'][0]:.4f} against annealed Langevin's {langevin['swd'][0]:.4f}: "
+            f"a difference of {gap:+.4f} ({judged}; the standard error of the difference of "
+            f"the means over {result['seeds']} seeds is {noise:.4f}); two fresh data sets of "
+            f"this size are {result['floor'][0]:.4f} apart")
+
+
+def digits_verdict(result: dict) -> str:
+    rows = result["rows"]
+    langevin = rows[0]
+    budget = langevin["nfe"] / 10
+    cheap = [r for r in rows[1:] if r["nfe"] <= budget]
+    if not cheap:
+        return f"no sampler setting ran at <= {budget:g} NFE"
+    best = min(cheap, key=lambda r: r["fid"])
+    met = best["fid"] <= langevin["fid"] and best["confidence"] >= langevin["confidence"]
+    return (f"**{'met' if met else 'not met'}**: {best['sampler']} at {best['nfe']:.0f} NFE "
+            f"(<= {budget:g}, one tenth of annealed Langevin's {langevin['nfe']:.0f}) has "
+            f"feature FID {best['fid']:.2f} and confidence {best['confidence']:.3f} against "
+            f"annealed Langevin's {langevin['fid']:.2f} and {langevin['confidence']:.3f} "
+            f"(real training digits: {result['real']['fid']:.2f} and "
+            f"{result['real']['confidence']:.3f} on the same number of images)")
+
+
+# ----------------------------------------------------------------------------- report
+def render(results: dict, page: Path, plot: Path) -> None:
+    plot_results(results, plot)
+    lines = [
+        "# Samplers: quality against network evaluations",
+        "",
+        "Written by `scripts/bench_samplers.py` (the numbers below are its output; rerun with",
+        f"`{COMMAND}`). Every sampler draws from the **same checkpoint** per setup, on one CPU",
+        f"thread ({results['machine']}); NFE counts network evaluations per chain",
+        "(`ncsn.sampling.CountingNet`); wall time is for one batch of the given size, on a",
+        "machine shared with other jobs (compare the times with each other, not absolutely).",
+        "Annealed Langevin runs at the setup's own settings (the checkpoint's sampler).",
+        "Heun: EDM's Algorithm 1 (2N - 1 NFE; `S_churn > 0`: Algorithm 2); pc: score SDE's",
+        "predictor-corrector, reverse-diffusion predictor and one Langevin corrector step",
+        "(snr 0.16; 2N NFE); ode: the probability-flow ODE by scipy's RK45, rtol = atol",
+        "(adaptive NFE, +1 for the denoising step).",
+        "",
+        f"![quality against NFE]({plot.name})",
+        "",
+    ]
+    if "swiss" in results:
+        lines += swiss_section(results["swiss"])
+    if "digits" in results:
+        lines += digits_section(results["digits"])
+    page.write_text("\n".join(lines) + "\n")
+
+
+def swiss_section(result: dict) -> list[str]:
+    lines = ["## Swiss roll (`experiment=swissroll`)", "",
+             f"Checkpoint: {result['checkpoint']}. Quality: sliced Wasserstein distance (SW1, "
+             f"256 directions) of {result['n']} samples to {result['n']} fresh points, mean "
+             f"and standard deviation over {result['seeds']} seeds; two fresh data sets are "
+             f"{result['floor'][0]:.4f} +- {result['floor'][1]:.4f} apart (the floor).", "",
+             "| sampler | NFE | SWD (mean +- std) | wall time (s) |",
+             "|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['sampler']} | {r['nfe']:.0f} | {r['swd'][0]:.4f} +- "
+                     f"{r['swd'][1]:.4f} | {r['seconds']:.2f} |")
+    return lines + ["", f"Target (one tenth of annealed Langevin's NFE, the same SWD within "
+                        f"the noise): {swiss_verdict(result)}.", ""]
+
+
+def digits_section(result: dict) -> list[str]:
+    lines = ["## Digits (`experiment=digits`)", "",
+             f"Checkpoint: {result['checkpoint']}. Quality: the Frechet distance in the digits "
+             f"classifier's feature space between {result['n']} samples and the 360 held-out "
+             f"digits (lower is better), the classifier's mean confidence (higher is better) "
+             f"and the classes it sees; one batch, seed 0. For scale, {result['n']} real "
+             f"training digits: FID {result['real']['fid']:.2f}, confidence "
+             f"{result['real']['confidence']:.3f}.", "",
+             "| sampler | NFE | feature FID | confidence | classes | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['sampler']} | {r['nfe']:.0f} | {r['fid']:.2f} | "
+                     f"{r['confidence']:.3f} | {r['classes']} | {r['seconds']:.1f} |")
+    return lines + ["", f"Target (one tenth of annealed Langevin's NFE, at least its "
+                        f"quality): {digits_verdict(result)}.", ""]
+
+
+def plot_results(results: dict, path: Path) -> None:
+    from ncsn import viz
+
+    plt = viz.plt
+    panels = ([("swiss", "swd", "Swiss roll: SWD")] if "swiss" in results else []) + \
+        ([("digits", "fid", "digits: feature FID"),
+          ("digits", "confidence", "digits: confidence")] if "digits" in results else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (setup, key, title) in zip(axes[0], panels):
+        rows = results[setup]["rows"]
+        value = lambda r: r[key][0] if isinstance(r[key], list) else r[key]    # noqa: E731
+        for name in dict.fromkeys(family(r["sampler"]) for r in rows[1:]):
+            chosen = [r for r in rows[1:] if family(r["sampler"]) == name
+                      and "S_churn" not in r["sampler"]]
+            if chosen:
+                ax.plot([r["nfe"] for r in chosen], [value(r) for r in chosen], "o-",
+                        label=name)
+        churn = [r for r in rows if "S_churn" in r["sampler"]]
+        if churn:
+            ax.plot([r["nfe"] for r in churn], [value(r) for r in churn], "s",
+                    label="heun S_churn=10")
+        langevin = rows[0]
+        ax.plot([langevin["nfe"]], [value(langevin)], "k*", markersize=12,
+                label="annealed Langevin")
+        ax.axhline(value(langevin), color="k", linestyle="--", linewidth=0.8)
+        ax.axvline(langevin["nfe"] / 10, color="grey", linestyle=":", linewidth=0.8)
+        if setup == "swiss":
+            ax.axhline(results["swiss"]["floor"][0], color="green", linestyle=":",
+                       linewidth=0.8, label="fresh data vs fresh data")
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE (dotted: one tenth of annealed Langevin's)")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    viz.save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- main
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--swiss-ckpt", type=Path)
+    parser.add_argument("--digits-ckpt", type=Path)
+    parser.add_argument("--setups", nargs="*", default=["swiss", "digits"])
+    parser.add_argument("--n-swiss", type=int, default=2000)
+    parser.add_argument("--swiss-seeds", type=int, default=3)
+    parser.add_argument("--n-digits", type=int, default=300)
+    parser.add_argument("--json", type=Path, default=REPO / "docs" / "samplers.json")
+    parser.add_argument("--page", type=Path, default=REPO / "docs" / "SAMPLERS.md")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "samplers.png")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the page and the plot from --json")
+    args = parser.parse_args()
+
+    if args.render_only:
+        render(json.loads(args.json.read_text()), args.page, args.plot)
+        return
+    torch.set_num_threads(1)
+    results = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    results["machine"] = f"{cpu_name()}, torch {torch.__version__}"
+
+    def save() -> None:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if "swiss" in args.setups:
+            path = args.swiss_ckpt or train_experiment("swissroll", Path(tmp) / "swiss")
+            results["swiss"] = {}
+            swiss_rows(load_checkpoint(path), args.n_swiss, args.swiss_seeds,
+                       results["swiss"], save)
+        if "digits" in args.setups:
+            path = args.digits_ckpt or train_experiment("digits", Path(tmp) / "digits")
+            results["digits"] = {}
+            digits_rows(load_checkpoint(path), args.n_digits, results["digits"], save)
+    render(results, args.page, args.plot)
+    print(f"wrote {args.page}, {args.plot}, {args.json}")
+
+
+if __name__ == "__main__":
+    main()
