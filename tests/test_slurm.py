@@ -119,6 +119,14 @@ def test_slurm_sweep_runs_every_point_to_the_end(tmp_path):
 
 
 @needs_cluster
+def test_slurm_sweep_with_bad_input_ends_with_its_one_line_instead_of_waiting(tmp_path):
+    out = _multirun(tmp_path / "multirun", *SLURM, *TINY, "optim.schedule=bogus", timeout=180)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "ncsn-train: error: optim.schedule must be 'constant' or 'cosine', got 'bogus'")
+
+
+@needs_cluster
 def test_slurm_job_of_two_tasks_is_one_ddp_run_with_the_single_process_weights(tmp_path):
     sweep = tmp_path / "multirun"
     overrides = [*TINY, "trainer.num_threads=1", "noise.num_scales=5"]

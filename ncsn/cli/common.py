@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -12,6 +13,10 @@ from ncsn.checkpoint import CheckpointError
 from ncsn.registry import ConfigError
 
 log = logging.getLogger("ncsn")
+
+
+class JobFailed(RuntimeError):
+    """A job of Hydra's submitit launcher failed; the message is the command's one line."""
 
 
 def check_keys(cfg: DictConfig, path: str = "") -> None:
@@ -49,12 +54,17 @@ def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict
 def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> object:
     """Run ``job``; known failures become one line on stderr and a non-zero exit status:
     2 for bad input (config, checkpoint, data), 1 for a diverged run, 128 + signal number
-    for an interrupted one."""
+    for an interrupted one. In a job of Hydra's submitit launcher (``-m
+    hydra/launcher=slurm``) a failure is raised as :class:`JobFailed` instead: the launcher
+    reports an exception, while an exit would leave it waiting for a result that never
+    comes (an interrupted job still exits: SLURM requeues it)."""
     from ncsn.distributed import RankFailed
     from ncsn.train import NonFiniteLossError, TrainingInterrupted
 
     def fail(message: str, code: int):
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        if "SUBMITIT_FOLDER" in os.environ:               # set in every submitit job
+            raise JobFailed(f"{prog}: error: {message}") from None
         sys.exit(code)
 
     try:
