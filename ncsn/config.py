@@ -85,6 +85,37 @@ class ConditionalMLPConfig(MLPConfig):
     scale_by_sigma: bool = False
 
 
+@dataclass
+class NICEConfig:
+    name: str = "nice"               # NICE's MNIST setup (Dinh et al. 2015, Sec. 5.1)
+    n_couplings: int = 4             # additive couplings, alternating odd/even partitions
+    hidden: int = 1000               # units per hidden layer of each coupling MLP
+    n_hidden: int = 5                # hidden layers per coupling MLP
+    prior: str = "logistic"          # logistic (NICE's MNIST) | gaussian
+
+
+@dataclass
+class RealNVPConfig:
+    name: str = "realnvp"
+    n_scales: int = 2                # images: scales of the multi-scale architecture
+    n_couplings: int = 4             # points: affine couplings with alternating masks
+    hidden: int = 64                 # channels (images) or units (points) of the coupling nets
+    n_hidden: int = 2                # points: hidden layers of each coupling MLP
+    norm: str = "actnorm"            # actnorm after every coupling | none
+    prior: str = "gaussian"
+
+
+@dataclass
+class GlowConfig:
+    name: str = "glow"
+    n_levels: int = 2                # images: levels L (squeeze, steps, split)
+    depth: int = 8                   # steps of flow K per level (points: in all)
+    hidden: int = 128                # channels (images) or units (points) of the coupling nets
+    lu: bool = True                  # LU-decomposed 1x1 convolution; false: the plain one
+    learned_prior: bool = True       # the factored-out halves' prior from the kept half
+    prior: str = "gaussian"
+
+
 # ----------------------------------------------------------------------------- noise
 @dataclass
 class NoiseConfig:
@@ -281,7 +312,8 @@ SCHEMAS = {
                 "eight_gaussians": EightGaussiansConfig, "checkerboard": CheckerboardConfig,
                 "gaussian_mixture": GaussianMixtureConfig, **IMAGE_DATASETS},
     "model": {"mlp": MLPConfig, "cond_mlp": ConditionalMLPConfig, "ncsn": NCSNConfig,
-              "ncsnv2": NCSNv2Config, "unet": UNetConfig},
+              "ncsnv2": NCSNv2Config, "unet": UNetConfig, "nice": NICEConfig,
+              "realnvp": RealNVPConfig, "glow": GlowConfig},
     "noise": {"geometric": NoiseConfig},
     "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,
              "exact_sm": ExactSMConfig},

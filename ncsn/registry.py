@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ncsn import losses
 from ncsn.data import Data, build_toy_data, first_tensor
 from ncsn.data.images import IMAGE_DATASETS, build_image_data, image_config, model_space
+from ncsn.flows import glow, nice, realnvp
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.nets.ncsn import NCSN
 from ncsn.nets.ncsnv2 import NCSNv2
@@ -97,9 +98,22 @@ def _image_net(network: type[nn.Module]):
     return build
 
 
+def _flow(make_flow):
+    """A normalizing flow on points or images; sigma is ignored (``net(x, sigma)`` is its
+    exact score), so it is an unconditional model."""
+    def build(cfg, shape, sigmas):
+        fields = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "name"}
+        try:
+            return make_flow(shape, **fields)
+        except ValueError as err:
+            raise ConfigError(f"model={cfg.name}: {err}") from None
+    return build
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp, "cond_mlp": _cond_mlp,
     "ncsn": _image_net(NCSN), "ncsnv2": _image_net(NCSNv2), "unet": _image_net(UNet),
+    "nice": _flow(nice), "realnvp": _flow(realnvp), "glow": _flow(glow),
 }
 CONDITIONAL_MODELS = {"cond_mlp", "ncsn", "ncsnv2", "unet"}
 

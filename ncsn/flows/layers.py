@@ -1,0 +1,310 @@
+"""Invertible layers of NICE (Dinh et al. 2015), RealNVP (Dinh et al. 2017) and Glow
+(Kingma & Dhariwal 2018).
+
+Every layer is a bijection with ``forward(x) -> (y, log_det)`` and
+``inverse(y) -> (x, log_det)``, where ``log_det`` (B,) is log |det dy/dx| for the forward map
+and log |det dx/dy| (its negative at the same pair) for the inverse. Layers take points
+(B, D) or images (B, C, H, W); "channels" of points are their D coordinates.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _zeros(x: Tensor) -> Tensor:
+    return x.new_zeros(x.shape[0])
+
+
+def _pixels(x: Tensor) -> int:
+    """Positions sharing one per-channel parameter: H W for images, 1 for points."""
+    return x[0, 0].numel()
+
+
+def _per_channel(param: Tensor, x: Tensor) -> Tensor:
+    """A (C,) parameter shaped to broadcast against ``x`` (B, C) or (B, C, H, W)."""
+    return param.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+# ----------------------------------------------------------------------------- masks
+def alternating_mask(dim: int, parity: int) -> Tensor:
+    """NICE's partition of D coordinates into odd and even indices: 1 where i % 2 == parity."""
+    return (torch.arange(dim) % 2 == parity).float()
+
+
+def checkerboard_mask(shape: tuple[int, int, int], parity: int) -> Tensor:
+    """RealNVP's checkerboard (Fig. 3, left): 1 where (i + j) % 2 == parity, all channels."""
+    c, h, w = shape
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return ((i + j) % 2 == parity).float().expand(c, h, w).clone()
+
+
+def channel_mask(shape: tuple[int, ...], parity: int) -> Tensor:
+    """RealNVP's channel-wise mask (Fig. 3, right): 1 on the first half of the channels
+    (parity 0) or the second (parity 1). Points: the first or second half of the coordinates."""
+    c = shape[0]
+    first = (torch.arange(c) < c // 2).float()
+    mask = first if parity == 0 else 1 - first
+    return mask.view(c, *([1] * (len(shape) - 1))).expand(*shape).clone()
+
+
+# ----------------------------------------------------------------------------- couplings
+class AdditiveCoupling(nn.Module):
+    """NICE eq. (4) on a mask m: y = x + (1 - m) t(m x); log-det 0 (volume preserving)."""
+
+    def __init__(self, mask: Tensor, net: nn.Module):
+        super().__init__()
+        self.register_buffer("mask", mask)
+        self.net = net
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x + (1 - self.mask) * self.net(self.mask * x), _zeros(x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return y - (1 - self.mask) * self.net(self.mask * y), _zeros(y)
+
+
+class AffineCoupling(nn.Module):
+    """Affine coupling on a mask m; the network gives (log-scale input h, shift t) from m x.
+
+    ``scale="tanh"`` (RealNVP eq. 9, y = m x + (1 - m)(x exp(s) + t)) with s = a tanh(h), a
+    learned per coordinate as in RealNVP's code; ``scale="sigmoid"`` (Glow's code:
+    y = (x + t) sigmoid(h + 2) on the unmasked part; the paper prints y = s x + t with
+    s = exp(log s)). log |det| = sum over the unmasked part of log s.
+    """
+
+    def __init__(self, mask: Tensor, net: nn.Module, scale: str = "tanh"):
+        super().__init__()
+        if scale not in ("tanh", "sigmoid"):
+            raise ValueError(f"coupling scale must be 'tanh' or 'sigmoid', got {scale!r}")
+        self.register_buffer("mask", mask)
+        self.net, self.scale = net, scale
+        self.tanh_scale = nn.Parameter(torch.ones(mask.shape[0])) if scale == "tanh" else None
+
+    def _log_scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h, t = self.net(self.mask * x).chunk(2, dim=1)
+        if self.scale == "tanh":
+            log_s = _per_channel(self.tanh_scale, x) * torch.tanh(h)
+        else:
+            log_s = F.logsigmoid(h + 2.0)
+        free = 1 - self.mask
+        return free * log_s, free * t
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        log_s, t = self._log_scale_shift(x)
+        y = (x + t) * log_s.exp() if self.scale == "sigmoid" else x * log_s.exp() + t
+        return y, log_s.flatten(1).sum(1)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        log_s, t = self._log_scale_shift(y)       # m y = m x: the same network input
+        x = y * (-log_s).exp() - t if self.scale == "sigmoid" else (y - t) * (-log_s).exp()
+        return x, -log_s.flatten(1).sum(1)
+
+
+# ----------------------------------------------------------------------------- reshaping
+class Squeeze(nn.Module):
+    """RealNVP's squeeze: (C, H, W) -> (4C, H/2, W/2), each 2x2 block into channels; log-det 0."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"squeeze halves height and width, but the images are {h}x{w}; "
+                             f"use an even image size (dataset.image_size) or fewer scales")
+        y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return y.reshape(b, 4 * c, h // 2, w // 2), _zeros(x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        b, c4, h, w = y.shape
+        x = y.view(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, c4 // 4, 2 * h, 2 * w), _zeros(y)
+
+
+# ----------------------------------------------------------------------------- scalings
+class DiagonalScaling(nn.Module):
+    """NICE's last layer (Sec. 3.3): y = exp(s) x per coordinate; log |det| = sum s."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * self.log_scale.exp(), self.log_scale.sum().expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return y * (-self.log_scale).exp(), -self.log_scale.sum().expand(y.shape[0])
+
+
+class ActNorm(nn.Module):
+    """Glow's actnorm (Sec. 3.1): y = (x + b) exp(log s) per channel; log |det| = HW sum log s.
+
+    Data-dependent initialisation: the first forward pass in training mode sets b and log s
+    so that that batch's output has zero mean and unit variance per channel (Glow's code
+    divides by std + 1e-6). ``initialized`` is a buffer, so checkpoints carry it.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(0.0))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        per_channel = x.transpose(0, 1).flatten(1)
+        self.bias.copy_(-per_channel.mean(1))
+        self.log_scale.copy_(-torch.log(per_channel.std(1, unbiased=False) + 1e-6))
+        self.initialized.fill_(1.0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not self.initialized:
+            self.initialize(x)
+        y = (x + _per_channel(self.bias, x)) * _per_channel(self.log_scale, x).exp()
+        return y, (_pixels(x) * self.log_scale.sum()).expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = y * _per_channel(-self.log_scale, y).exp() - _per_channel(self.bias, y)
+        return x, (-_pixels(y) * self.log_scale.sum()).expand(y.shape[0])
+
+
+class InvertibleConv1x1(nn.Module):
+    """Glow's invertible 1x1 convolution (Sec. 3.2): y = W x at every pixel, W (C, C) started
+    as a random rotation; log |det| = HW log |det W|. Points: y = W x.
+
+    ``lu=True`` (Glow eq. 10): W = P L (U + diag(sign(s) exp(log |s|))), P a fixed
+    permutation, L unit lower triangular, U strictly upper triangular, so log |det W| =
+    sum log |s| costs O(C) and W stays invertible for any finite parameters.
+    """
+
+    def __init__(self, channels: int, lu: bool = True):
+        super().__init__()
+        w = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))[0]
+        self.lu = lu
+        if not lu:
+            self.weight = nn.Parameter(w.float())
+            return
+        p, lower, upper = torch.linalg.lu(w)
+        s = torch.diagonal(upper)
+        self.register_buffer("p", p.float())
+        self.register_buffer("sign_s", torch.sign(s).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.lower = nn.Parameter(lower.float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(torch.log(s.abs()).float())
+
+    def weight_matrix(self) -> Tensor:
+        """W (C, C)."""
+        if not self.lu:
+            return self.weight
+        eye = torch.eye(len(self.log_s), dtype=self.log_s.dtype, device=self.log_s.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * self.log_s.exp())
+        return self.p @ lower @ upper
+
+    def log_abs_det(self) -> Tensor:
+        """log |det W| (a scalar)."""
+        return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
+
+    @staticmethod
+    def _apply(w: Tensor, x: Tensor) -> Tensor:
+        return torch.einsum("ij,bj...->bi...", w, x)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (self._apply(self.weight_matrix(), x),
+                (_pixels(x) * self.log_abs_det()).expand(x.shape[0]))
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return (self._apply(torch.linalg.inv(self.weight_matrix()), y),
+                (-_pixels(y) * self.log_abs_det()).expand(y.shape[0]))
+
+
+# ----------------------------------------------------------------------------- composition
+class Sequence(nn.Module):
+    """Layers applied in order; log-dets add."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        total = _zeros(x)
+        for layer in self.layers:
+            x, log_det = layer(x)
+            total = total + log_det
+        return x, total
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        total = _zeros(y)
+        for layer in reversed(self.layers):
+            y, log_det = layer.inverse(y)
+            total = total + log_det
+        return y, total
+
+
+class MultiScale(nn.Module):
+    """RealNVP's multi-scale architecture (Sec. 3.6) with Glow's learned prior for the
+    factored-out half: ``steps`` map x to an image of ``shape`` (C, H, W); its last C/2
+    channels z2 leave, and the first half z1 goes on through ``rest`` (the next scale).
+
+    Glow's split (its code's ``split2d``) models z2 ~ N(mu(z1), exp(log_sigma(z1))^2) with
+    (mu, log_sigma) from a zero-initialised convolution of z1. Here that prior is written as
+    the bijection eps2 = (z2 - mu) exp(-log_sigma) (log-det -sum log_sigma) followed by a
+    standard normal on eps2: the same density, and sampling at temperature T draws eps2 with
+    std T, as Glow's code does. ``learned_prior=False``: eps2 = z2 (RealNVP).
+    Output flat (B, D): the factored-out eps2 first, then ``rest``'s (flat) output.
+    """
+
+    def __init__(self, steps: nn.Module, shape: tuple[int, int, int], rest: nn.Module,
+                 learned_prior: bool = False):
+        super().__init__()
+        self.steps, self.rest, self.shape = steps, rest, tuple(shape)
+        c = shape[0]
+        self.keep = c - c // 2
+        self.prior = None
+        if learned_prior:
+            self.prior = nn.Conv2d(self.keep, 2 * (c // 2), 3, padding=1)
+            nn.init.zeros_(self.prior.weight)
+            nn.init.zeros_(self.prior.bias)
+
+    def _mean_log_sigma(self, z1: Tensor) -> tuple[Tensor, Tensor]:
+        return self.prior(z1).chunk(2, dim=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, log_det = self.steps(x)
+        z1, z2 = y[:, :self.keep], y[:, self.keep:]
+        if self.prior is not None:
+            mu, log_sigma = self._mean_log_sigma(z1)
+            z2 = (z2 - mu) * (-log_sigma).exp()
+            log_det = log_det - log_sigma.flatten(1).sum(1)
+        rest, rest_log_det = self.rest(z1)
+        return torch.cat([z2.flatten(1), rest], 1), log_det + rest_log_det
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        c, h, w = self.shape
+        n2 = (c - self.keep) * h * w
+        z2 = z[:, :n2].reshape(-1, c - self.keep, h, w)
+        z1, log_det = self.rest.inverse(z[:, n2:])
+        if self.prior is not None:
+            mu, log_sigma = self._mean_log_sigma(z1)
+            z2 = z2 * log_sigma.exp() + mu
+            log_det = log_det + log_sigma.flatten(1).sum(1)
+        x, steps_log_det = self.steps.inverse(torch.cat([z1, z2], 1))
+        return x, log_det + steps_log_det
+
+
+class Flatten(nn.Module):
+    """A layer whose output, an image of ``shape`` (C, H, W), is flattened to (B, D), as
+    MultiScale's output is: the last scale of a multi-scale flow."""
+
+    def __init__(self, layer: nn.Module, shape: tuple[int, ...]):
+        super().__init__()
+        self.layer, self.shape = layer, tuple(shape)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, log_det = self.layer(x)
+        return y.flatten(1), log_det
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.layer.inverse(z.reshape(-1, *self.shape))

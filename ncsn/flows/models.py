@@ -1,0 +1,243 @@
+"""NICE, RealNVP and Glow: exact-likelihood models that stand where a score network stands.
+
+A :class:`Flow` is a bijection f from data x (B, *shape) to a flat latent z (B, D) with a
+factorised prior p_Z, so that (change of variables, NICE eq. 1)
+
+    log p(x) = log p_Z(f(x)) + log |det df/dx|.
+
+``net(x, sigma)`` returns the score grad_x log p(x) by autograd (sigma is ignored), so every
+score-matching objective and every Langevin sampler takes a flow as it takes a score network.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, DiagonalScaling,
+                               Flatten, InvertibleConv1x1, MultiScale, Sequence, Squeeze,
+                               alternating_mask, channel_mask, checkerboard_mask)
+
+PRIORS = ("gaussian", "logistic")
+
+
+# ----------------------------------------------------------------------------- priors
+def prior_log_prob(z: Tensor, prior: str) -> Tensor:
+    """log p_Z(z) (B,) of a factorised standard prior on z (B, D): Gaussian, or NICE's
+    logistic, log p(z_d) = -log(1 + e^z_d) - log(1 + e^-z_d)."""
+    if prior == "gaussian":
+        return -0.5 * (z ** 2).sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
+    return -(F.softplus(z) + F.softplus(-z)).sum(1)
+
+
+def prior_sample(n: int, dim: int, prior: str, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, device=None, dtype=None) -> Tensor:
+    """n draws (n, D) of the prior with its scale multiplied by ``temperature`` (Glow Sec. 5:
+    T < 1 trades diversity for fidelity); logistic by inverting its CDF."""
+    if prior == "gaussian":
+        z = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    else:
+        u = torch.rand(n, dim, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+        z = torch.log(u) - torch.log1p(-u)
+    return (temperature * z).to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+# ----------------------------------------------------------------------------- coupling nets
+def mlp(dim_in: int, hidden: int, n_hidden: int, dim_out: int, zero_last: bool) -> nn.Sequential:
+    """A ReLU MLP with ``n_hidden`` hidden layers of ``hidden`` units (NICE's coupling
+    function m); ``zero_last`` starts the coupling at the identity (Glow's zero init)."""
+    layers, width = [], dim_in
+    for _ in range(n_hidden):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    last = nn.Linear(width, dim_out)
+    if zero_last:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
+def conv_net(channels_in: int, hidden: int, channels_out: int) -> nn.Sequential:
+    """Glow's coupling network NN(): 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3
+    conv. (RealNVP used residual networks; this smaller one serves both here.)"""
+    last = nn.Conv2d(hidden, channels_out, 3, padding=1)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Conv2d(channels_in, hidden, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(hidden, hidden, 1), nn.ReLU(), last)
+
+
+def _check_squeezable(shape: tuple[int, ...], n_squeezes: int, model: str) -> None:
+    if len(shape) != 3:
+        return
+    factor = 2 ** n_squeezes
+    if shape[1] % factor or shape[2] % factor:
+        raise ValueError(f"{model} squeezes {n_squeezes} times, so the image size must divide "
+                         f"by {factor}, but the images are {shape[1]}x{shape[2]}; lower "
+                         f"model.n_scales or pick dataset.image_size divisible by {factor}")
+
+
+# ----------------------------------------------------------------------------- the flow
+class Flow(nn.Module):
+    """A normalizing flow on samples of ``shape``: ``transform`` maps x (flattened first
+    when ``flat_input``) to a flat z (B, D) and back; ``prior`` names p_Z."""
+
+    def __init__(self, shape: tuple[int, ...], transform: nn.Module, prior: str = "gaussian",
+                 flat_input: bool = False):
+        super().__init__()
+        if prior not in PRIORS:
+            raise ValueError(f"model.prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+        self.shape, self.transform, self.prior = tuple(shape), transform, prior
+        self.flat_input = flat_input or len(self.shape) == 1
+        self.dim = math.prod(self.shape)
+
+    def forward_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """z = f(x) (B, D) and log |det df/dx| (B,) for x (B, *shape)."""
+        z, log_det = self.transform(x.flatten(1) if self.flat_input else x)
+        return z.flatten(1), log_det
+
+    def inverse_map(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """x = f^-1(z) (B, *shape) and log |det df^-1/dz| (B,) for z (B, D)."""
+        x, log_det = self.transform.inverse(z)
+        return x.reshape(-1, *self.shape), log_det
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) (B,) in nats (NICE eq. 1)."""
+        z, log_det = self.forward_map(x)
+        return prior_log_prob(z, self.prior) + log_det
+
+    def sample(self, n: int, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """n exact samples (n, *shape): x = f^-1(z), z from the prior at ``temperature``."""
+        p = next(self.parameters())
+        z = prior_sample(n, self.dim, self.prior, temperature, generator, p.device, p.dtype)
+        return self.inverse_map(z)[0]
+
+    def score(self, x: Tensor) -> Tensor:
+        """grad_x log p(x) (B, *shape) by autograd; differentiable again when grad is on (the
+        score-matching objectives differentiate it with respect to x and the weights)."""
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+            # A view, not the leaf itself: torch's FLOP counter (trainer.num_threads=auto)
+            # refuses autograd.grad with respect to a leaf under its module hooks.
+            x_in = x_in.view_as(x_in)
+            log_p = self.log_prob(x_in).sum()
+            (grad,) = torch.autograd.grad(log_p, x_in, create_graph=create_graph)
+        return grad
+
+    def forward(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """The score s(x) = grad_x log p(x), as a score network ``net(x, sigma)``; sigma
+        is ignored (an unconditional model)."""
+        return self.score(x)
+
+
+# ----------------------------------------------------------------------------- NICE
+def nice(shape: tuple[int, ...], n_couplings: int = 4, hidden: int = 1000, n_hidden: int = 5,
+         prior: str = "logistic") -> Flow:
+    """NICE (Dinh et al. 2015, Sec. 5.1, MNIST): ``n_couplings`` additive couplings on the
+    flattened input with alternating odd/even partitions, each m() a ReLU MLP of
+    ``n_hidden`` x ``hidden`` units, then the diagonal scaling layer; logistic prior."""
+    dim = math.prod(shape)
+    if dim < 2:
+        raise ValueError(f"NICE splits the coordinates in two, but the data has {dim}")
+    layers = [AdditiveCoupling(alternating_mask(dim, i % 2),
+                               mlp(dim, hidden, n_hidden, dim, zero_last=False))
+              for i in range(n_couplings)]
+    return Flow(shape, Sequence([*layers, DiagonalScaling((dim,))]), prior, flat_input=True)
+
+
+# ----------------------------------------------------------------------------- RealNVP
+def _affine_steps(masks: list[Tensor], make_net, scale: str, norm: bool,
+                  channels: int) -> list[nn.Module]:
+    layers = []
+    for mask in masks:
+        layers.append(AffineCoupling(mask, make_net(), scale))
+        if norm:
+            layers.append(ActNorm(channels))
+    return layers
+
+
+def realnvp(shape: tuple[int, ...], n_scales: int = 2, n_couplings: int = 4, hidden: int = 64,
+            n_hidden: int = 2, norm: str = "actnorm", prior: str = "gaussian") -> Flow:
+    """RealNVP (Dinh et al. 2017). Images: per scale 3 checkerboard couplings, squeeze, 3
+    channel-wise couplings, then half the channels factored out (Sec. 3.6); the last scale
+    has 4 checkerboard couplings. Points: ``n_couplings`` affine couplings with alternating
+    masks and MLP nets. ``norm``: actnorm after every coupling (the paper used batch
+    normalisation; actnorm is its data-initialised, batch-independent form) or none."""
+    if norm not in ("actnorm", "none"):
+        raise ValueError(f"model.norm must be 'actnorm' or 'none', got {norm!r}")
+    use_norm = norm == "actnorm"
+    if len(shape) == 1:
+        dim = shape[0]
+        masks = [alternating_mask(dim, i % 2) for i in range(n_couplings)]
+        steps = _affine_steps(masks, lambda: mlp(dim, hidden, n_hidden, 2 * dim, True), "tanh",
+                              use_norm, dim)
+        return Flow(shape, Sequence(steps), prior)
+    _check_squeezable(shape, n_scales - 1, "model=realnvp")
+    return Flow(shape, _realnvp_scale(tuple(shape), n_scales, hidden, use_norm), prior)
+
+
+def _realnvp_scale(shape: tuple[int, int, int], n_scales: int, hidden: int,
+                   norm: bool) -> nn.Module:
+    c, h, w = shape
+    net = lambda channels: lambda: conv_net(channels, hidden, 2 * channels)
+    if n_scales == 1:
+        masks = [checkerboard_mask(shape, i % 2) for i in range(4)]
+        return Flatten(Sequence(_affine_steps(masks, net(c), "tanh", norm, c)), shape)
+    squeezed = (4 * c, h // 2, w // 2)
+    steps = _affine_steps([checkerboard_mask(shape, i % 2) for i in range(3)], net(c), "tanh",
+                          norm, c)
+    steps.append(Squeeze())
+    steps += _affine_steps([channel_mask(squeezed, i % 2) for i in range(3)], net(4 * c),
+                           "tanh", norm, 4 * c)
+    kept = (4 * c - 2 * c, h // 2, w // 2)
+    return MultiScale(Sequence(steps), squeezed,
+                      _realnvp_scale(kept, n_scales - 1, hidden, norm))
+
+
+# ----------------------------------------------------------------------------- Glow
+def glow(shape: tuple[int, ...], n_levels: int = 2, depth: int = 8, hidden: int = 128,
+         lu: bool = True, learned_prior: bool = True, prior: str = "gaussian") -> Flow:
+    """Glow (Kingma & Dhariwal 2018, Fig. 2). Images: ``n_levels`` levels, each a squeeze,
+    ``depth`` steps of flow (actnorm, invertible 1x1 convolution, affine coupling) and, but
+    for the last, a split with the learned prior. Points: ``depth`` steps of flow on the
+    coordinates (the 1x1 convolution is then a D x D matrix). ``lu``: the LU-decomposed
+    1x1 convolution (eq. 10) or the plain one."""
+    if len(shape) == 1:
+        dim = shape[0]
+        if dim < 2:
+            raise ValueError(f"Glow's coupling splits the coordinates in two, but the data has {dim}")
+        return Flow(shape, Sequence(_glow_steps(dim, depth, lu, lambda c: mlp(
+            dim, hidden, 2, 2 * dim, True))), prior)
+    _check_squeezable(shape, n_levels, "model=glow")
+    return Flow(shape, _glow_level(tuple(shape), n_levels, depth, hidden, lu, learned_prior),
+                prior)
+
+
+def _glow_steps(channels: int, depth: int, lu: bool, make_net) -> list[nn.Module]:
+    layers = []
+    for _ in range(depth):
+        shape_mask = channel_mask((channels,), 1)        # z1 = first half conditions z2
+        layers += [ActNorm(channels), InvertibleConv1x1(channels, lu),
+                   AffineCoupling(shape_mask, make_net(channels), "sigmoid")]
+    return layers
+
+
+def _glow_level(shape: tuple[int, int, int], n_levels: int, depth: int, hidden: int, lu: bool,
+                learned_prior: bool) -> nn.Module:
+    c, h, w = shape
+    squeezed = (4 * c, h // 2, w // 2)
+    layers = [Squeeze()]
+    for _ in range(depth):
+        mask = channel_mask(squeezed, 1)
+        layers += [ActNorm(4 * c), InvertibleConv1x1(4 * c, lu),
+                   AffineCoupling(mask, conv_net(4 * c, hidden, 8 * c), "sigmoid")]
+    steps = Sequence(layers)
+    if n_levels == 1:
+        return Flatten(steps, squeezed)
+    kept = (4 * c - 2 * c, h // 2, w // 2)
+    return MultiScale(steps, squeezed, _glow_level(kept, n_levels - 1, depth, hidden, lu,
+                                                   learned_prior), learned_prior)
