@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 # A rank that waits longer than this in a collective (a peer that hangs, or rank 0 drawing
 # pictures while the others wait for the next step) fails instead of hanging forever.
-TIMEOUT = timedelta(minutes=30)
+TIMEOUT = timedelta(minutes=float(os.environ.get("NCSN_DIST_TIMEOUT_MIN", "30")))
 
 
 class RankFailed(RuntimeError):
