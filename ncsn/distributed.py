@@ -2,7 +2,7 @@
 
 One process per device. Ranks come from torchrun's environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or from a SLURM step's (``SLURM_PROCID``,
-``SLURM_NTASKS``, ``SLURM_LOCALID``; the master is the first host of ``SLURM_JOB_NODELIST``,
+``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``; the master is the first host of ``SLURM_JOB_NODELIST``,
 the port is derived from ``SLURM_JOB_ID``). Without either, everything here is a no-op for a
 single process: ``rank() == 0``, ``world_size() == 1``, ``is_main()``.
 
@@ -49,7 +49,8 @@ def _slurm_master(env) -> tuple[str, str]:
 def process_env(env=None) -> dict | None:
     """rank, world_size, local_rank, master_addr, master_port of this process, or None for a
     single process. torchrun's variables win over SLURM's; SLURM's count only inside an
-    ``srun`` step (``SLURM_STEP_NUM_TASKS``), not in the batch script itself."""
+    ``srun`` step, whose tasks are the ranks (``SLURM_STEP_NUM_TASKS``, the step's share of
+    the job's ``SLURM_NTASKS``), not in the batch script itself."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         found = {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
@@ -59,7 +60,7 @@ def process_env(env=None) -> dict | None:
     elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         addr, port = _slurm_master(env)
         found = {"rank": int(env["SLURM_PROCID"]),
-                 "world_size": int(env.get("SLURM_NTASKS", env["SLURM_STEP_NUM_TASKS"])),
+                 "world_size": int(env["SLURM_STEP_NUM_TASKS"]),
                  "local_rank": int(env.get("SLURM_LOCALID", 0)),
                  "master_addr": env.get("MASTER_ADDR", addr),
                  "master_port": env.get("MASTER_PORT", port)}
