@@ -17,7 +17,7 @@ from ncsn.noise import geometric_sigmas
 from ncsn.registry import ConfigError
 from ncsn.sampling import (CountingNet, KnownValues, annealed_langevin, edm_sigmas, heun,
                            predictor_corrector, probability_flow, table_subset)
-from conftest import compose_train, run_cli
+from conftest import TINY, compose_train, run_cli
 
 SIGMA_MAX, SIGMA_MIN = 20.0, 0.01
 MIXTURE = GaussianMixture.create([[-5.0, -5.0], [5.0, 5.0]], [0.2, 0.8], 1.0)
@@ -262,3 +262,12 @@ def test_ode_nfe_per_batch_is_recorded(digits_ckpt):
                            device="cpu")
     list(sampler.batches(6, 3))
     assert len(sampler.nfe) == 2 and min(sampler.nfe) > 1
+
+
+def test_ncsn_eval_prints_the_nfe_beside_the_scores(tmp_path):
+    cfg = compose_train([*TINY, "trainer.n_steps=2"])
+    ckpt = training.train(cfg, tmp_path / "run")
+    result = run_cli("ncsn-eval", f"ckpt={ckpt}", "n_samples=64", "batch_size=32", "metric=swd",
+                     "sampler=heun", "sampler.num_steps=4", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr
+    assert "note: NFE: 7 network evaluations per sample (sampler=heun)" in result.stdout

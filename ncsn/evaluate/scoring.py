@@ -211,20 +211,24 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
                      path: str | Path | None = None) -> Scores:
     """Draw ``draw.n_samples`` samples from a checkpoint dict in batches and score them
     (2-D data against fresh points of its dataset; score_error against the exact score)."""
-    from ncsn.generate import sample_batches, sampler_config
+    from ncsn.generate import load_sampler, sampler_config
 
     sampler_cfg = sampler_config(ckpt["config"]["sampler"], draw.sampler_overrides,
                                  draw.sampler_replace)
     kind, name = checkpoint_kind(ckpt)
     reference = toy_reference(ckpt["config"]["dataset"], draw.seed) if kind == "points" else None
-    batches = sample_batches(ckpt, draw.n_samples, draw.batch_size, draw.seed, sampler_cfg,
-                             draw.use_ema, tools.device)
+    sampler = load_sampler(ckpt, sampler_cfg, draw.use_ema, tools.device)
+    batches = sampler.batches(draw.n_samples, draw.batch_size, draw.seed)
     sample_metrics = [m for m in metrics if METRICS[m].kind not in ("score", "likelihood")]
     scores = score_stream(batches if sample_metrics else [], draw.n_samples, sample_metrics,
                           tools, reference, draw.seed)
     scores.n_samples = draw.n_samples if sample_metrics else 0
     scores.source = {"ckpt": str(path) if path else None, "step": int(ckpt["step"]),
                      "dataset": name, "sampler": OmegaConf.to_container(sampler_cfg)}
+    if sampler.nfe:
+        scores.source["nfe"] = sampler.nfe
+        scores.notes.append(f"NFE: {sampler.nfe_summary()} network evaluations per sample "
+                            f"(sampler={sampler_cfg.name})")
     if "score_error" in metrics:
         _score_error(ckpt, draw, tools, scores)
     if "nll" in metrics:
