@@ -162,6 +162,12 @@ class ExactSMConfig:
     anneal_power: float = 2.0
 
 
+@dataclass
+class NLLConfig:
+    name: str = "nll"                # maximum likelihood of a flow: bits/dim of the dequantized
+                                     # images (dataset.uniform_dequantization), nats for points
+
+
 # ----------------------------------------------------------------------------- samplers
 @dataclass
 class SamplerInitConfig:
@@ -205,6 +211,13 @@ class ODEConfig(SamplerInitConfig):
     atol: float = 1e-5
     method: str = "RK45"             # a solve_ivp method: RK45 | RK23 | DOP853
     denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma_min)
+
+
+@dataclass
+class FlowSamplerConfig(SamplerInitConfig):
+    name: str = "flow"               # exact samples of a normalizing flow: x = f^-1(z)
+    temperature: float = 1.0         # the prior's scale (Glow: T < 1 for fidelity)
+    init_std: Optional[float] = 1.0  # the starting points are read as standard normal draws
 
 
 @dataclass
@@ -316,9 +329,10 @@ SCHEMAS = {
               "realnvp": RealNVPConfig, "glow": GlowConfig},
     "noise": {"geometric": NoiseConfig},
     "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,
-             "exact_sm": ExactSMConfig},
+             "exact_sm": ExactSMConfig, "nll": NLLConfig},
     "sampler": {"langevin": LangevinConfig, "annealed_langevin": AnnealedLangevinConfig,
-                "pc": PCConfig, "ode": ODEConfig, "heun": HeunConfig},
+                "pc": PCConfig, "ode": ODEConfig, "heun": HeunConfig,
+                "flow": FlowSamplerConfig},
     "optim": {"adam": OptimConfig},
     "trainer": {"default": TrainerConfig},
 }

@@ -10,8 +10,10 @@ from torch import Tensor, nn
 
 from ncsn import losses
 from ncsn.data import Data, build_toy_data, first_tensor
-from ncsn.data.images import IMAGE_DATASETS, build_image_data, image_config, model_space
-from ncsn.flows import glow, nice, realnvp
+from ncsn.data.images import (IMAGE_DATASETS, ModelSpace, build_image_data, image_config,
+                               model_space)
+from ncsn.flows import FLOW_MODELS, exact_samples, glow, nice, pixel_levels, realnvp
+from ncsn.flows.objective import nll_objective
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.nets.ncsn import NCSN
 from ncsn.nets.ncsnv2 import NCSNv2
@@ -129,6 +131,11 @@ def is_conditional(model_cfg) -> bool:
     return model_cfg.name in CONDITIONAL_MODELS
 
 
+def is_flow(model_cfg) -> bool:
+    """Whether the model is a normalizing flow: exact log p(x) and exact samples."""
+    return model_cfg.name in FLOW_MODELS
+
+
 # What to choose instead of a network that can only look sigma up in its table.
 TABLE_ONLY_ALTERNATIVE = {"ncsn": "model=ncsnv2 or model=unet",
                           "cond_mlp": "model.embedding=log_sigma"}
@@ -172,14 +179,49 @@ def _check_continuous(loss_cfg, model_cfg, annealed: bool) -> None:
                           f"{TABLE_ONLY_ALTERNATIVE[model_cfg.name]}, or noise.continuous=false")
 
 
-def build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg=None) -> Objective:
+def _flow_nll(loss_cfg, model_cfg, dataset_cfg) -> Objective:
+    """Maximum likelihood (loss=nll): bits/dim of dequantized images, nats for points."""
+    if not is_flow(model_cfg):
+        raise ConfigError(f"loss={loss_cfg.name} needs an exact log-likelihood, but "
+                          f"model={model_cfg.name} is a score network; use model=nice, "
+                          f"model=realnvp or model=glow")
+    if dataset_cfg is None or dataset_cfg.name not in IMAGE_DATASETS:
+        return nll_objective(ModelSpace(), None)
+    image_cfg = image_config(dataset_cfg)
+    if not (image_cfg.uniform_dequantization or image_cfg.gaussian_dequantization):
+        raise ConfigError(f"loss={loss_cfg.name} on discrete pixels needs dequantized data; "
+                          f"set dataset.uniform_dequantization=true (or "
+                          f"dataset.gaussian_dequantization=true)")
+    return nll_objective(model_space(image_cfg), pixel_levels(image_cfg.name))
+
+
+def build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg=None,
+                    dataset_cfg=None) -> Objective:
     """A training objective ``objective(net, x) -> (per_sample_loss (B,), labels (B,) | None)``
     where ``labels`` index the sigma each sample was perturbed with (None: not annealed).
 
     With ``noise_cfg.continuous`` each sample's sigma is drawn from ``noise_cfg.distribution``
     between the table's ends (:func:`ncsn.losses.draw_sigmas`), and ``labels`` are the
-    nearest table levels in log sigma, so the per-level curves bin continuous sigma."""
+    nearest table levels in log sigma, so the per-level curves bin continuous sigma.
+
+    For a flow (``model_cfg``) the objective carries ``held_out``: its negative
+    log-likelihood (``dataset_cfg`` gives the pixel levels and the model-space map), the
+    test loss whatever the training objective."""
+    objective = _build_objective(loss_cfg, model_cfg, sigmas, noise_cfg, dataset_cfg)
+    if is_flow(model_cfg):
+        held_out = _flow_nll(loss_cfg, model_cfg, dataset_cfg)
+
+        def flow_objective(net, x):
+            return objective(net, x)
+        flow_objective.held_out = held_out
+        return flow_objective
+    return objective
+
+
+def _build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg, dataset_cfg) -> Objective:
     name = loss_cfg.name
+    if name == "nll":
+        return _flow_nll(loss_cfg, model_cfg, dataset_cfg)
     annealed = name == "anneal_dsm" or bool(loss_cfg.get("annealed", False))
     _check_conditioning(loss_cfg, model_cfg, annealed)
     continuous = noise_cfg is not None and bool(noise_cfg.get("continuous", False))
@@ -255,6 +297,10 @@ ANNEALED_SAMPLERS = ("annealed_langevin", "pc", "ode", "heun")
 
 def check_sampler(sampler_cfg, model_cfg) -> None:
     name = sampler_cfg.name
+    if name == "flow" and not is_flow(model_cfg):
+        raise ConfigError(f"sampler=flow draws exactly from a normalizing flow, but "
+                          f"model={model_cfg.name} is a score network; use model=nice, "
+                          f"model=realnvp or model=glow, or another sampler")
     if name in ANNEALED_SAMPLERS and not is_conditional(model_cfg):
         raise ConfigError(f"sampler={name} needs a noise-conditional network, but "
                           f"model={model_cfg.name} is unconditional; use sampler=langevin")
@@ -294,6 +340,8 @@ def planned_nfe(cfg, n_levels: int) -> int | None:
         return n_levels * cfg.n_steps_each + int(cfg.denoise)
     if cfg.name == "langevin":
         return cfg.n_steps
+    if cfg.name == "flow":
+        return 1
     steps = cfg.get("num_steps") or n_levels
     if cfg.name == "pc":
         return steps * (cfg.n_corrector_steps + 1)
@@ -307,6 +355,8 @@ def build_sampler(cfg, sigmas: Tensor, model_cfg=None) -> Sampler:
     ``model_cfg`` tells pc and heun whether the network takes any sigma or only the table's
     (without it: any sigma)."""
     table_only = model_cfg is not None and not takes_sigma_values(model_cfg)
+    if cfg.name == "flow":
+        return lambda net, x, **kw: exact_samples(net, x, cfg.temperature, **kw)
     if cfg.name == "pc":
         grid = sigma_grid(cfg, sigmas, table_only)
         return lambda net, x, **kw: predictor_corrector(

@@ -204,7 +204,8 @@ def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> R
                                  weight_decay=o.weight_decay, amsgrad=o.amsgrad)
     run = Run(cfg=cfg, run_dir=Path(run_dir), device=device, data=data, sigmas=sigmas, net=net,
               ema=ema, optimizer=optimizer,
-              objective=registry.build_objective(cfg.loss, cfg.model, sigmas, cfg.noise),
+              objective=registry.build_objective(cfg.loss, cfg.model, sigmas, cfg.noise,
+                                                 cfg.dataset),
               sampler=registry.build_sampler(cfg.sampler, sigmas, cfg.model),
               data_generator=torch.Generator().manual_seed(cfg.seed),
               monitor=StepMonitor(len(sigmas), device))
@@ -221,16 +222,29 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ONE_THREAD_FLOPS = 2e9
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+# trainer.precision=auto on the CPU: bf16 autocast for networks of at least this many forward
+# FLOPs per sample, on CPUs that multiply bf16 in hardware (AMX). Measured by
+# scripts/bench_train.py (docs/PERFORMANCE.md): NCSNv2 on CIFAR-10 (6 GFLOP) trains 2.7x
+# faster in bf16, the digits' small U-Net (0.09 GFLOP) slower.
+CPU_BF16_FLOPS = 1e9
+
+
+def _cpu_multiplies_bf16() -> bool:
+    """Whether the CPU has AMX tiles (bf16 matrix units); torch exposes it privately only."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(name: str, device: torch.device, sample_flops: float = 0.0) -> str:
     """trainer.precision -> fp32 | tf32 | bf16 | fp16. auto: bf16 on a CUDA device that has
-    it (tf32 on older ones), fp32 on the CPU (bf16 autocast measured slower there,
-    docs/PERFORMANCE.md)."""
+    it (tf32 on older ones); on the CPU, bf16 for a network of ``sample_flops`` (forward,
+    one sample) >= CPU_BF16_FLOPS on a CPU with AMX, fp32 otherwise."""
     if name not in PRECISIONS:
         raise registry.ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, "
                                    f"got {name!r}")
     if name == "auto":
         if device.type != "cuda":
-            return "fp32"
+            large = sample_flops >= CPU_BF16_FLOPS
+            return "bf16" if large and _cpu_multiplies_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "tf32"
     if name == "tf32" and device.type != "cuda":
         raise registry.ConfigError("trainer.precision=tf32 is a CUDA matmul mode; use fp32 or "
@@ -247,14 +261,18 @@ def _on_cuda_by_default(value, device: torch.device, key: str) -> bool:
     return value
 
 
-def step_flops(run: Run) -> float:
-    """FLOPs of one training step, counted by torch.utils.flop_counter on one sample's forward
-    pass: forward + backward ~ 3 forwards, times the batch."""
+def sample_flops(run: Run) -> float:
+    """FLOPs of the network's forward pass on one sample, counted by torch.utils.flop_counter."""
     x = torch.zeros(1, *run.data.shape, device=run.device)
     sigma = run.sigmas[:1].to(run.device) if registry.is_conditional(run.cfg.model) else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run.net(x, sigma)
-    return 3.0 * counter.get_total_flops() * run.cfg.trainer.batch_size
+    return float(counter.get_total_flops())
+
+
+def step_flops(run: Run) -> float:
+    """FLOPs of one training step: forward + backward ~ 3 forward passes, times the batch."""
+    return 3.0 * sample_flops(run) * run.cfg.trainer.batch_size
 
 
 def auto_num_threads(run: Run) -> int:
@@ -269,7 +287,8 @@ def apply_speed_options(run: Run) -> None:
     t, device = run.cfg.trainer, run.device
     if t.num_threads == "auto" and device.type == "cpu":
         torch.set_num_threads(auto_num_threads(run))
-    precision = resolve_precision(t.precision, device)
+    flops = sample_flops(run) if device.type == "cpu" and t.precision == "auto" else 0.0
+    precision = resolve_precision(t.precision, device, flops)
     if device.type == "cuda":
         # TF32 for the fp32 matmuls and convolutions left outside autocast.
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
@@ -514,7 +533,8 @@ class TrainLogger:
 
 # ----------------------------------------------------------------------------- evaluation
 def test_loss(run: Run, max_batches: int = 10) -> float | None:
-    """Mean objective on the held-out split with the sampling (EMA) weights."""
+    """Mean objective on the held-out split with the sampling (EMA) weights (the objective's
+    ``held_out`` one when it has one: a flow's negative log-likelihood)."""
     if run.data.test is None or len(run.data.test) == 0:
         return None
     loader = torch.utils.data.DataLoader(run.data.test, batch_size=run.cfg.trainer.batch_size)
@@ -525,7 +545,7 @@ def test_loss(run: Run, max_batches: int = 10) -> float | None:
         x = first_tensor(batch).to(run.device)
         # Sliced and exact score matching differentiate with respect to x: keep grad on.
         with torch.enable_grad():
-            per_sample, _ = run.objective(run.sampling_net, x)
+            per_sample, _ = getattr(run.objective, "held_out", run.objective)(run.sampling_net, x)
         total, count = total + per_sample.detach().sum().item(), count + len(x)
     return total / count
 

@@ -142,7 +142,9 @@ class ActNorm(nn.Module):
 
     Data-dependent initialisation: the first forward pass in training mode sets b and log s
     so that that batch's output has zero mean and unit variance per channel (Glow's code
-    divides by std + 1e-6). ``initialized`` is a buffer, so checkpoints carry it.
+    divides by std + 1e-6). A batch with a channel of no spread (a single point, the
+    trainer's all-zero probe for counting FLOPs) cannot be standardised and leaves it
+    uninitialised. ``initialized`` is a buffer, so checkpoints carry it.
     """
 
     def __init__(self, channels: int):
@@ -153,9 +155,12 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        per_channel = x.transpose(0, 1).flatten(1)
+        per_channel = x.detach().transpose(0, 1).flatten(1)
+        std = per_channel.std(1, unbiased=False)
+        if not bool((std > 0).all()):
+            return
         self.bias.copy_(-per_channel.mean(1))
-        self.log_scale.copy_(-torch.log(per_channel.std(1, unbiased=False) + 1e-6))
+        self.log_scale.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(1.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,15 +213,15 @@ class InvertibleConv1x1(nn.Module):
         return self.log_s.sum() if self.lu else torch.linalg.slogdet(self.weight)[1]
 
     @staticmethod
-    def _apply(w: Tensor, x: Tensor) -> Tensor:
+    def _conv(w: Tensor, x: Tensor) -> Tensor:
         return torch.einsum("ij,bj...->bi...", w, x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return (self._apply(self.weight_matrix(), x),
+        return (self._conv(self.weight_matrix(), x),
                 (_pixels(x) * self.log_abs_det()).expand(x.shape[0]))
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return (self._apply(torch.linalg.inv(self.weight_matrix()), y),
+        return (self._conv(torch.linalg.inv(self.weight_matrix()), y),
                 (-_pixels(y) * self.log_abs_det()).expand(y.shape[0]))
 
 

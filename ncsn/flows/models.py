@@ -11,6 +11,7 @@ score-matching objective and every Langevin sampler takes a flow as it takes a s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,17 @@ from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, Diagon
                                alternating_mask, channel_mask, checkerboard_mask)
 
 PRIORS = ("gaussian", "logistic")
+
+
+@dataclass(frozen=True)
+class ExactSample:
+    """Passed as ``sigma``, asks a flow for exact samples instead of its score:
+    ``net(eps, ExactSample(T))`` reads eps (B, *shape) as standard normal draws, maps them
+    to the prior at temperature T (through the prior's quantile function) and returns
+    f^-1(z). Samplers reach the flow this way through any wrapper that passes sigma on
+    (the trainer's autocast closure, the NFE counter)."""
+
+    temperature: float = 1.0
 
 
 # ----------------------------------------------------------------------------- priors
@@ -42,6 +54,15 @@ def prior_sample(n: int, dim: int, prior: str, temperature: float = 1.0,
         u = torch.rand(n, dim, generator=generator, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         z = torch.log(u) - torch.log1p(-u)
     return (temperature * z).to(device=device, dtype=dtype or torch.get_default_dtype())
+
+
+def prior_from_normal(eps: Tensor, prior: str, temperature: float = 1.0) -> Tensor:
+    """Standard normal draws eps -> draws of the prior at ``temperature``: T eps for the
+    Gaussian, T logit(Phi(eps)) for the logistic (Phi: the normal CDF). Any shape."""
+    if prior == "gaussian":
+        return temperature * eps
+    log_u = torch.special.log_ndtr(eps)                  # log Phi(eps), log(1 - Phi) below
+    return temperature * (log_u - torch.special.log_ndtr(-eps))
 
 
 # ----------------------------------------------------------------------------- coupling nets
@@ -128,9 +149,12 @@ class Flow(nn.Module):
             (grad,) = torch.autograd.grad(log_p, x_in, create_graph=create_graph)
         return grad
 
-    def forward(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | ExactSample | None = None) -> Tensor:
         """The score s(x) = grad_x log p(x), as a score network ``net(x, sigma)``; sigma
-        is ignored (an unconditional model)."""
+        is ignored (an unconditional model), unless it is an :class:`ExactSample`."""
+        if isinstance(sigma, ExactSample):
+            z = prior_from_normal(x.flatten(1), self.prior, sigma.temperature)
+            return self.inverse_map(z)[0]
         return self.score(x)
 
 
