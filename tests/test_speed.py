@@ -59,7 +59,7 @@ def test_every_cpu_speed_option_gives_the_plain_loss(tmp_path, base, option, rto
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=atol)
 
 
-def test_options_are_what_they_say(tmp_path):
+def test_options_are_what_they_say(tmp_path, monkeypatch):
     run = training.build_run(compose_train(IMAGES + PLAIN + [
         "trainer.channels_last=true", "trainer.fused_adam=true", "trainer.precision=bf16"]),
         tmp_path)
@@ -68,6 +68,11 @@ def test_options_are_what_they_say(tmp_path):
     assert run.optimizer.defaults["fused"] and run.speed.amp_dtype == torch.bfloat16
     cpu = torch.device("cpu")
     assert training.resolve_precision("auto", cpu) == "fp32"
+    for amx in (False, True):                 # bf16 for large networks on a CPU with AMX only
+        monkeypatch.setattr(training, "_cpu_multiplies_bf16", lambda: amx)
+        assert training.resolve_precision("auto", cpu, 0.9 * training.CPU_BF16_FLOPS) == "fp32"
+        assert training.resolve_precision("auto", cpu, training.CPU_BF16_FLOPS) == (
+            "bf16" if amx else "fp32")
     with pytest.raises(training.registry.ConfigError, match="trainer.precision must be one of"):
         training.resolve_precision("fp8", cpu)
     with pytest.raises(training.registry.ConfigError, match="tf32 is a CUDA matmul mode"):
