@@ -1,0 +1,284 @@
+"""Normalizing flows: every layer and model inverts itself, every log-det is the full
+Jacobian's, densities integrate to one, the score is the log-density's gradient, maximum
+likelihood recovers a Gaussian, bits/dim match hand-computed cases, bad shapes are refused."""
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.autograd.functional import jacobian
+
+from ncsn import registry
+from ncsn.data.images import ModelSpace
+from ncsn.flows import ExactSample, Flow, glow, negative_log_likelihood, nice, realnvp
+from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, DiagonalScaling,
+                               InvertibleConv1x1, Sequence, Squeeze, alternating_mask,
+                               channel_mask, checkerboard_mask)
+from ncsn.flows.models import conv_net, mlp, prior_from_normal
+from ncsn.flows.objective import exact_samples, nll_objective
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def perturbed(module, scale=0.3):
+    """``module`` in float64 with every parameter moved off its (often zero) initial value,
+    so couplings and scalings are not the identity."""
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def jacobian_log_det(f, x):
+    """log |det J| of f at one sample x (1, *shape) from the full Jacobian of the flat map."""
+    shape = x.shape
+    flat = lambda v: f(v.view(shape))[0].flatten()
+    J = jacobian(flat, x.flatten())
+    return torch.linalg.slogdet(J)[1]
+
+
+def layers():
+    return {
+        "additive": (AdditiveCoupling(alternating_mask(4, 0), mlp(4, 8, 2, 4, False)), (4,)),
+        "affine_tanh": (AffineCoupling(alternating_mask(4, 1), mlp(4, 8, 2, 8, True)), (4,)),
+        "affine_sigmoid": (AffineCoupling(channel_mask((4,), 1), mlp(4, 8, 2, 8, True),
+                                          "sigmoid"), (4,)),
+        "affine_checkerboard": (AffineCoupling(checkerboard_mask((2, 4, 4), 0),
+                                               conv_net(2, 4, 4)), (2, 4, 4)),
+        "affine_channel": (AffineCoupling(channel_mask((4, 2, 2), 0), conv_net(4, 4, 8),
+                                          "sigmoid"), (4, 2, 2)),
+        "squeeze": (Squeeze(), (2, 4, 4)),
+        "diagonal_scaling": (DiagonalScaling((4,)), (4,)),
+        "actnorm_points": (ActNorm(4), (4,)),
+        "actnorm_images": (ActNorm(3), (3, 2, 2)),
+        "conv1x1_plain": (InvertibleConv1x1(3, lu=False), (3, 2, 2)),
+        "conv1x1_lu": (InvertibleConv1x1(3, lu=True), (3, 2, 2)),
+    }
+
+
+def models():
+    return {
+        "nice_points": nice((4,), hidden=8, n_hidden=2),
+        "nice_images": nice((1, 4, 4), hidden=8, n_hidden=2, n_couplings=3),
+        "realnvp_points": realnvp((4,), hidden=8),
+        "realnvp_images": realnvp((1, 4, 4), n_scales=2, hidden=4),
+        "glow_points": glow((4,), depth=2, hidden=8),
+        "glow_images": glow((1, 4, 4), n_levels=2, depth=2, hidden=4),
+        "glow_images_plain": glow((1, 4, 4), n_levels=2, depth=1, hidden=4, lu=False),
+    }
+
+
+@pytest.mark.parametrize("name", list(layers()))
+def test_every_layer_inverts_and_its_log_det_is_the_jacobians(name):
+    layer, shape = layers()[name]
+    layer = perturbed(layer).eval()
+    x = torch.randn(3, *shape)
+    y, log_det = layer(x)
+    x_back, inverse_log_det = layer.inverse(y)
+    assert torch.allclose(x_back, x, atol=1e-5)
+    assert torch.allclose(inverse_log_det, -log_det, atol=1e-8)
+    for i in range(len(x)):
+        assert log_det[i].item() == pytest.approx(jacobian_log_det(layer, x[i:i + 1]).item(),
+                                                  abs=1e-8)
+
+
+@pytest.mark.parametrize("name", list(models()))
+def test_every_model_inverts_and_its_log_det_is_the_jacobians(name):
+    flow = perturbed(models()[name], 0.1).eval()
+    x = torch.randn(2, *flow.shape)
+    z, log_det = flow.forward_map(x)
+    assert z.shape == (2, flow.dim)
+    x_back, inverse_log_det = flow.inverse_map(z)
+    assert torch.allclose(x_back, x, atol=1e-5)
+    assert torch.allclose(inverse_log_det, -log_det, atol=1e-8)
+    for i in range(len(x)):
+        expected = jacobian_log_det(flow.forward_map, x[i:i + 1])
+        assert log_det[i].item() == pytest.approx(expected.item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("make", [lambda: realnvp((2,), hidden=8),
+                                  lambda: glow((2,), depth=2, hidden=8)])
+def test_a_2d_flows_density_integrates_to_one(make):
+    flow = perturbed(make(), 0.1).eval()
+    side = torch.linspace(-10, 10, 401)
+    grid = torch.stack(torch.meshgrid(side, side, indexing="ij"), -1).view(-1, 2)
+    with torch.no_grad():
+        density = flow.log_prob(grid).exp()
+    cell = (side[1] - side[0]) ** 2
+    assert (density.sum() * cell).item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_nice_logistic_prior_density_integrates_to_one():
+    flow = perturbed(nice((2,), hidden=8, n_hidden=1), 0.05).eval()
+    side = torch.linspace(-40, 40, 801)
+    grid = torch.stack(torch.meshgrid(side, side, indexing="ij"), -1).view(-1, 2)
+    with torch.no_grad():
+        mass = flow.log_prob(grid).exp().sum() * (side[1] - side[0]) ** 2
+    assert mass.item() == pytest.approx(1.0, abs=5e-3)
+
+
+@pytest.mark.parametrize("name", ["nice_points", "realnvp_images", "glow_images"])
+def test_the_score_is_the_gradient_of_log_prob_by_finite_differences(name):
+    flow = perturbed(models()[name], 0.1).eval()
+    x = torch.randn(2, *flow.shape)
+    score = flow(x, torch.ones(2))                 # sigma is ignored
+    h, flat = 1e-6, x.flatten(1)
+    for j in range(0, flat.shape[1], 5):
+        step = torch.zeros_like(flat)
+        step[:, j] = h
+        up = flow.log_prob((flat + step).view_as(x))
+        down = flow.log_prob((flat - step).view_as(x))
+        assert torch.allclose((up - down) / (2 * h), score.flatten(1)[:, j], atol=1e-6)
+
+
+def test_maximum_likelihood_recovers_a_gaussians_mean_and_covariance():
+    mean = torch.tensor([1.0, -2.0])
+    scale = torch.tensor([[1.0, 0.0], [0.8, 0.5]])
+    data = mean + torch.randn(4000, 2) @ scale.T
+    flow = Flow((2,), Sequence([ActNorm(2), InvertibleConv1x1(2, lu=True)])).double()
+    objective = nll_objective(ModelSpace(), None)
+    optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
+    for _ in range(400):
+        loss = objective(flow, data)[0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # A linear flow: x = A z + m with z ~ N(0, I), so the mean is f^-1(0), the covariance A A^T.
+    with torch.no_grad():
+        model_mean = flow.inverse_map(torch.zeros(1, 2))[0][0]
+    A = jacobian(lambda z: flow.inverse_map(z.view(1, 2))[0].flatten(), torch.zeros(2))
+    assert torch.allclose(model_mean, data.mean(0), atol=1e-2)
+    assert torch.allclose(A @ A.T, torch.cov(data.T, correction=0), atol=1e-2)
+
+
+def test_lu_conv1x1_log_det_is_log_abs_det_w_and_stays_invertible_after_training():
+    conv = perturbed(InvertibleConv1x1(4, lu=True), 0.5)
+    optimizer = torch.optim.Adam(conv.parameters(), lr=0.05)
+    for step in range(20):
+        w = conv.weight_matrix()
+        assert conv.log_abs_det().item() == pytest.approx(torch.linalg.slogdet(w)[1].item(),
+                                                          abs=1e-9)
+        x = torch.randn(8, 4, 3, 3)
+        y, log_det = conv(x)
+        assert torch.allclose(conv.inverse(y)[0], x, atol=1e-6)
+        assert torch.allclose(log_det, torch.full((8,), 9 * torch.linalg.slogdet(w)[1].item()))
+        optimizer.zero_grad()
+        (y.pow(2).mean() - log_det.mean()).backward()   # any objective: just move the weights
+        optimizer.step()
+
+
+def test_actnorm_initialises_to_zero_mean_unit_variance_per_channel_on_the_first_batch():
+    norm = ActNorm(3)
+    x = torch.randn(16, 3, 4, 4) * torch.tensor([0.1, 2.0, 5.0]).view(1, 3, 1, 1) \
+        + torch.tensor([3.0, -1.0, 0.5]).view(1, 3, 1, 1)
+    y, _ = norm(x)
+    per_channel = y.transpose(0, 1).flatten(1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(per_channel.var(1, unbiased=False), torch.ones(3), atol=1e-4)
+    again, _ = norm(x + 10.0)                    # initialised once: later batches do not reset it
+    assert torch.allclose(again, y + 10.0 * norm.log_scale.exp().view(1, 3, 1, 1))
+
+
+def test_actnorm_leaves_a_batch_without_spread_uninitialised():
+    norm = ActNorm(2)
+    norm(torch.zeros(1, 2, 4, 4))
+    assert not norm.initialized
+    norm(torch.randn(4, 2, 4, 4))
+    assert norm.initialized
+
+
+@pytest.mark.parametrize("space", [ModelSpace(), ModelSpace(rescaled=True),
+                                   ModelSpace(logit=True, lam=0.05)])
+def test_bits_per_dim_of_a_dequantized_constant_image_under_the_uniform_density(space):
+    # x: a constant 2x2 image at level 100 of K = 256, dequantized into its cell of [0, 1]^4.
+    # The uniform density on [0, 1]^4 gives the cell probability K^-4 exactly, so bits/dim
+    # = log2 256 = 8 in any model space, once the map's log-det is counted: the model-space
+    # density is p_Z(z) = 1 / |det dz/dy|, written out here for each map.
+    y = (100 + torch.rand(5, 1, 2, 2)) / 256
+    z = space(y)
+    if space.logit:
+        p = space.lam + (1 - 2 * space.lam) * y
+        log_p = -(math.log(1 - 2 * space.lam) - torch.log(p) - torch.log1p(-p)).flatten(1).sum(1)
+    else:
+        log_p = torch.full((5,), -4 * math.log(2) if space.rescaled else 0.0)
+    bpd = negative_log_likelihood(log_p, z, space, levels=256)
+    assert torch.allclose(bpd, torch.full((5,), 8.0), atol=1e-9)
+    # The density uniform on the cell itself (K^4 on it) gives P(x) = 1: 0 bits/dim.
+    if not space.logit and not space.rescaled:
+        assert torch.allclose(negative_log_likelihood(log_p + 4 * math.log(256), z, space, 256),
+                              torch.zeros(5), atol=1e-9)
+
+
+def test_exact_samples_of_a_linear_flow_have_its_mean_and_covariance():
+    flow = perturbed(Flow((2,), Sequence([ActNorm(2), InvertibleConv1x1(2, lu=True)])), 0.5)
+    flow.eval()
+    eps = torch.randn(200_000, 2)
+    samples = exact_samples(flow, eps, temperature=0.5)
+    A = jacobian(lambda z: flow.inverse_map(z.view(1, 2))[0].flatten(), torch.zeros(2))
+    mean = flow.inverse_map(torch.zeros(1, 2))[0][0].detach()
+    assert torch.allclose(samples.mean(0), mean, atol=2e-2)
+    assert torch.allclose(torch.cov(samples.T), 0.25 * A @ A.T, atol=2e-2)
+
+
+def test_logistic_prior_draws_are_logistic():
+    z = prior_from_normal(torch.randn(100_000), "logistic")
+    u = torch.sigmoid(z).sort().values                 # the logistic CDF: uniform if logistic
+    ks = (u - torch.linspace(0, 1, len(u))).abs().max()
+    assert ks.item() < 0.01
+
+
+def test_exact_sample_sigma_gives_samples_not_scores():
+    flow = perturbed(realnvp((1, 4, 4), hidden=4), 0.1).eval()
+    eps = torch.randn(3, 1, 4, 4)
+    z = eps.flatten(1)
+    assert torch.allclose(flow(eps, ExactSample(1.0)), flow.inverse_map(z)[0])
+
+
+def test_odd_sizes_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="image size must divide by 2") as err:
+        realnvp((1, 5, 5), n_scales=2)
+    assert "\n" not in str(err.value)
+    cfg = OmegaConf.create({"name": "glow", "n_levels": 2, "depth": 1, "hidden": 4, "lu": True,
+                            "learned_prior": True, "prior": "gaussian"})
+    with pytest.raises(registry.ConfigError, match="model=glow: .*must divide by 4"):
+        registry.build_model(cfg, (1, 6, 6), torch.ones(1))
+    with pytest.raises(ValueError, match="squeeze halves height and width, but the images are 3x3"):
+        Squeeze()(torch.zeros(1, 1, 3, 3))
+
+
+def test_nll_and_flow_sampler_are_refused_for_score_networks_and_raw_pixels():
+    mlp_cfg = OmegaConf.create({"name": "mlp"})
+    nice_cfg = OmegaConf.create({"name": "nice"})
+    nll = OmegaConf.create({"name": "nll"})
+    with pytest.raises(registry.ConfigError, match="loss=nll needs an exact log-likelihood"):
+        registry.build_objective(nll, mlp_cfg, torch.ones(1))
+    with pytest.raises(registry.ConfigError, match="sampler=flow draws exactly"):
+        registry.check_sampler(OmegaConf.create({"name": "flow"}), mlp_cfg)
+    raw = OmegaConf.create({"name": "digits", "uniform_dequantization": False})
+    with pytest.raises(registry.ConfigError, match="dataset.uniform_dequantization=true"):
+        registry.build_objective(nll, nice_cfg, torch.ones(1), dataset_cfg=raw)
+
+
+@pytest.mark.parametrize("loss", [{"name": "ssm", "n_projections": 1, "projection": "gaussian",
+                                   "variance_reduction": False},
+                                  {"name": "exact_sm", "max_dim": 64},
+                                  {"name": "dsm", "sigma": 0.1}])
+def test_score_matching_objectives_train_a_flow_and_its_test_loss_is_its_nll(loss):
+    flow = nice((2,), hidden=8, n_hidden=1)
+    objective = registry.build_objective(OmegaConf.create(loss), OmegaConf.create({"name": "nice"}),
+                                         torch.ones(1))
+    x = torch.randn(16, 2)
+    per_sample, labels = objective(flow, x)
+    per_sample.mean().backward()
+    assert labels is None and per_sample.shape == (16,)
+    assert all(p.grad is not None for p in flow.parameters())
+    held_out, _ = objective.held_out(flow, x)
+    assert torch.allclose(held_out, -flow.log_prob(x))
