@@ -50,17 +50,26 @@ SETTINGS = (
     [("annealed_langevin", None)]
     + [(f"heun N={n}", {"name": "heun", "num_steps": n}) for n in (3, 4, 6, 10, 18, 30)]
     + [("heun N=18 S_churn=10", {"name": "heun", "num_steps": 18, "S_churn": 10.0})]
+    + [("heun table", {"name": "heun", "num_steps": None})]        # the trained levels only
     + [(f"pc N={n}", {"name": "pc", "num_steps": n}) for n in (5, 10, 20, 50, 100)]
+    + [("pc table", {"name": "pc", "num_steps": None})]
     + [(f"ode rtol={tol:g}", {"name": "ode", "rtol": tol, "atol": tol})
        for tol in (1e-1, 1e-2, 1e-3, 1e-5)]
 )
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def train_experiment(name: str, run_dir: Path) -> Path:
+REAL_SUBSETS = 5                    # random sets of real digits that measure the FID's noise
+
+# setup -> the training overrides of its checkpoint
+SETUPS = {"swiss": ["experiment=swissroll"], "digits": ["experiment=digits"],
+          "digits_continuous": ["experiment=digits", "noise.continuous=true"]}
+
+
+def train_experiment(overrides: list[str], run_dir: Path) -> Path:
     register_configs()
     with initialize_config_dir(config_dir(), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={name}", "trainer.progress=false",
+        cfg = compose("train", overrides=[*overrides, "trainer.progress=false",
                                           "trainer.num_threads=1"])
     return train(cfg, run_dir)
 
@@ -90,7 +99,25 @@ def draw(ckpt: dict, net, replace: dict | None, n: int,
     return samples, counted.nfe, seconds
 
 
-def swiss_rows(ckpt: dict, n: int, seeds: int, result: dict, save) -> None:
+def settings(only: list[str] | None) -> list[tuple[str, dict | None]]:
+    """The settings to run: all, or those whose labels are in ``only``."""
+    chosen = [s for s in SETTINGS if only is None or s[0] in only]
+    unknown = set(only or ()) - {label for label, _ in SETTINGS}
+    if unknown:
+        raise SystemExit(f"unknown settings {sorted(unknown)}; choose from "
+                         f"{[label for label, _ in SETTINGS]}")
+    return chosen
+
+
+def add_row(result: dict, row: dict) -> None:
+    """Add (or replace) a row, keeping the order of SETTINGS (annealed Langevin first)."""
+    order = [label for label, _ in SETTINGS]
+    rows = [r for r in result.get("rows", []) if r["sampler"] != row["sampler"]] + [row]
+    result["rows"] = sorted(rows, key=lambda r: order.index(r["sampler"]))
+
+
+def swiss_rows(ckpt: dict, n: int, seeds: int, result: dict, save,
+               only: list[str] | None = None) -> None:
     """Every setting, ``seeds`` batches each, into ``result``: SWD to fresh points (mean,
     std over seeds); ``save()`` after every row."""
     net = model_from_checkpoint(ckpt)
@@ -98,37 +125,64 @@ def swiss_rows(ckpt: dict, n: int, seeds: int, result: dict, save) -> None:
     floor = [sliced_wasserstein(fresh[s](n), toy_reference(ckpt["config"]["dataset"],
                                                             seeds + s)(n), seed=s)
              for s in range(seeds)]
-    result.update(checkpoint=describe(ckpt), n=n, seeds=seeds, floor=_mean_std(floor),
-                  rows=[])
-    for label, replace in SETTINGS:
+    result.update(checkpoint=describe(ckpt), n=n, seeds=seeds, floor=_mean_std(floor))
+    save()
+    for label, replace in settings(only):
         runs = [draw(ckpt, net, replace, n, seed) for seed in range(seeds)]
         swd = [sliced_wasserstein(x.double(), fresh[s](n), seed=s)
                for s, (x, _, _) in enumerate(runs)]
-        result["rows"].append({"sampler": label, "nfe": _mean([r[1] for r in runs]),
-                               "swd": _mean_std(swd), "seconds": _mean([r[2] for r in runs])})
-        _print_row("swiss", result["rows"][-1])
+        row = {"sampler": label, "nfe": _mean([r[1] for r in runs]), "swd": _mean_std(swd),
+               "seconds": _mean([r[2] for r in runs])}
+        add_row(result, row)
+        _print_row("swiss", row)
         save()
 
 
-def digits_rows(ckpt: dict, n: int, result: dict, save) -> None:
+def digits_rows(ckpt: dict, n: int, result: dict, save,
+                only: list[str] | None = None) -> None:
     """Every setting, one batch, into ``result``: classifier-feature FID to the held-out
     digits, confidence; ``save()`` after every row."""
     net = model_from_checkpoint(ckpt)
     classifier = load_digits_classifier()
     train_split, _, heldout, _ = digits_split()
-    generator = torch.Generator().manual_seed(0)
-    real = digits_metrics(train_split[torch.randperm(len(train_split), generator=generator)[:n]],
-                          classifier)
-    result.update(checkpoint=describe(ckpt), n=n, rows=[],
-                  real={"fid": real["fid"], "confidence": real["confidence"]})
-    for label, replace in SETTINGS:
+    # the FID's own noise at this n: n real training digits against the held-out ones
+    subsets = [torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))[:n]
+               for seed in range(REAL_SUBSETS)]
+    real = [digits_metrics(train_split[index], classifier) for index in subsets]
+    result.update(checkpoint=describe(ckpt), n=n,
+                  real={"fid": _mean_std([r["fid"] for r in real]),
+                        "confidence": _mean([r["confidence"] for r in real])},
+                  between_levels=between_levels(net, ckpt["sigmas"], train_split[subsets[0]]))
+    save()
+    for label, replace in settings(only):
         x, nfe, seconds = draw(ckpt, net, replace, n, seed=0)
         scores = digits_metrics(x.float(), classifier)
-        result["rows"].append({"sampler": label, "nfe": nfe, "fid": scores["fid"],
-                               "confidence": scores["confidence"], "seconds": seconds,
-                               "classes": int((torch.tensor(scores["histogram"]) > 0).sum())})
-        _print_row("digits", result["rows"][-1])
+        row = {"sampler": label, "nfe": nfe, "fid": scores["fid"],
+               "confidence": scores["confidence"], "seconds": seconds,
+               "classes": int((torch.tensor(scores["histogram"]) > 0).sum())}
+        add_row(result, row)
+        _print_row("digits", row)
         save()
+
+
+@torch.no_grad()
+def between_levels(net, sigmas: torch.Tensor, x: torch.Tensor, seed: int = 0) -> list[dict]:
+    """The denoising error E|sigma s(x + sigma z, sigma) + z|^2 (DSM's loss times 2 sigma^2)
+    of real points ``x`` at every other table level and at the geometric midpoint to the next
+    level: a network that conditions on sigma's value should be as good between its training
+    levels as on them."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(0, len(sigmas) - 1, 2):
+        pair = [float(sigmas[i]), math.sqrt(float(sigmas[i]) * float(sigmas[i + 1]))]
+        errors = []
+        for sigma in pair:
+            z = torch.randn(x.shape, generator=generator)
+            score = net(x + sigma * z, torch.full((len(x),), sigma))
+            errors.append(float((sigma * score + z).flatten(1).pow(2).sum(1).mean()))
+        rows.append({"level": i, "sigma": pair[0], "on": errors[0], "midpoint": pair[1],
+                     "between": errors[1]})
+    return rows
 
 
 def _mean(values) -> float:
@@ -139,6 +193,11 @@ def _mean_std(values) -> list[float]:
     mean = _mean(values)
     var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
     return [mean, math.sqrt(var)]
+
+
+def _real_fid(result: dict) -> str:
+    mean, std = result["real"]["fid"]
+    return f"{mean:.2f} +- {std:.2f}"
 
 
 def _print_row(setup: str, row: dict) -> None:
@@ -184,12 +243,20 @@ def digits_verdict(result: dict) -> str:
             f"(<= {budget:g}, one tenth of annealed Langevin's {langevin['nfe']:.0f}) has "
             f"feature FID {best['fid']:.2f} and confidence {best['confidence']:.3f} against "
             f"annealed Langevin's {langevin['fid']:.2f} and {langevin['confidence']:.3f} "
-            f"(real training digits: {result['real']['fid']:.2f} and "
+            f"(real training digits: {_real_fid(result)} and "
             f"{result['real']['confidence']:.3f} on the same number of images)")
 
 
 # ----------------------------------------------------------------------------- report
+# The page's text after this line is written by hand and kept when the script rewrites it.
+MARKER = "<!-- the text below is not written by scripts/bench_samplers.py -->"
+
+
 def render(results: dict, page: Path, plot: Path) -> None:
+    order = [label for label, _ in SETTINGS]
+    for setup in SETUPS:
+        if setup in results:
+            results[setup]["rows"].sort(key=lambda r: order.index(r["sampler"]))
     plot_results(results, plot)
     lines = [
         "# Samplers: quality against network evaluations",
@@ -210,9 +277,12 @@ def render(results: dict, page: Path, plot: Path) -> None:
     ]
     if "swiss" in results:
         lines += swiss_section(results["swiss"])
-    if "digits" in results:
-        lines += digits_section(results["digits"])
-    page.write_text("\n".join(lines) + "\n")
+    for setup, title in DIGITS_TITLES.items():
+        if setup in results:
+            lines += digits_section(results[setup], title)
+    kept = page.read_text().split(MARKER, 1)[1] if page.is_file() and \
+        MARKER in page.read_text() else "\n"
+    page.write_text("\n".join(lines) + "\n" + MARKER + kept)
 
 
 def swiss_section(result: dict) -> list[str]:
@@ -230,40 +300,60 @@ def swiss_section(result: dict) -> list[str]:
                         f"the noise): {swiss_verdict(result)}.", ""]
 
 
-def digits_section(result: dict) -> list[str]:
-    lines = ["## Digits (`experiment=digits`)", "",
+DIGITS_TITLES = {"digits": "Digits (`experiment=digits`)",
+                 "digits_continuous": "Digits, continuous σ training "
+                                      "(`experiment=digits noise.continuous=true`)"}
+
+
+def digits_section(result: dict, title: str) -> list[str]:
+    lines = [f"## {title}", "",
              f"Checkpoint: {result['checkpoint']}. Quality: the Frechet distance in the digits "
              f"classifier's feature space between {result['n']} samples and the 360 held-out "
              f"digits (lower is better), the classifier's mean confidence (higher is better) "
-             f"and the classes it sees; one batch, seed 0. For scale, {result['n']} real "
-             f"training digits: FID {result['real']['fid']:.2f}, confidence "
-             f"{result['real']['confidence']:.3f}.", "",
+             f"and the classes it sees; one batch, seed 0. For scale and noise, "
+             f"{result['n']} real training digits ({REAL_SUBSETS} random sets): FID "
+             f"{_real_fid(result)}, confidence {result['real']['confidence']:.3f}.", "",
              "| sampler | NFE | feature FID | confidence | classes | wall time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['sampler']} | {r['nfe']:.0f} | {r['fid']:.2f} | "
                      f"{r['confidence']:.3f} | {r['classes']} | {r['seconds']:.1f} |")
-    return lines + ["", f"Target (one tenth of annealed Langevin's NFE, at least its "
-                        f"quality): {digits_verdict(result)}.", ""]
+    lines += ["", f"Target (one tenth of annealed Langevin's NFE, at least its quality): "
+                  f"{digits_verdict(result)}.", ""]
+    if "between_levels" in result:
+        lines += ["Between the table's levels: the denoising error E|sigma s(x + sigma z, "
+                  f"sigma) + z|^2 of {result['n']} real digits (d = 64) at table levels and at "
+                  "the geometric midpoint to the next level.", "",
+                  "| level | sigma | error | midpoint sigma | error there |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['level']} | {r['sigma']:.4g} | {r['on']:.2f} | {r['midpoint']:.4g} | "
+                  f"{r['between']:.2f} |" for r in result["between_levels"]]
+        lines.append("")
+    return lines
 
 
 def plot_results(results: dict, path: Path) -> None:
     from ncsn import viz
 
     plt = viz.plt
-    panels = ([("swiss", "swd", "Swiss roll: SWD")] if "swiss" in results else []) + \
-        ([("digits", "fid", "digits: feature FID"),
-          ("digits", "confidence", "digits: confidence")] if "digits" in results else [])
+    panels = [(setup, key, title) for setup, key, title in (
+        ("swiss", "swd", "Swiss roll: SWD"), ("digits", "fid", "digits: feature FID"),
+        ("digits_continuous", "fid", "digits, continuous sigma: feature FID"))
+        if setup in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (setup, key, title) in zip(axes[0], panels):
         rows = results[setup]["rows"]
         value = lambda r: r[key][0] if isinstance(r[key], list) else r[key]    # noqa: E731
         for name in dict.fromkeys(family(r["sampler"]) for r in rows[1:]):
             chosen = [r for r in rows[1:] if family(r["sampler"]) == name
-                      and "S_churn" not in r["sampler"]]
+                      and "S_churn" not in r["sampler"] and not r["sampler"].endswith("table")]
             if chosen:
                 ax.plot([r["nfe"] for r in chosen], [value(r) for r in chosen], "o-",
                         label=name)
+        table = [r for r in rows if r["sampler"].endswith("table")]
+        if table:
+            ax.plot([r["nfe"] for r in table], [value(r) for r in table], "^",
+                    label="heun / pc on the table's levels")
         churn = [r for r in rows if "S_churn" in r["sampler"]]
         if churn:
             ax.plot([r["nfe"] for r in churn], [value(r) for r in churn], "s",
@@ -276,7 +366,12 @@ def plot_results(results: dict, path: Path) -> None:
         if setup == "swiss":
             ax.axhline(results["swiss"]["floor"][0], color="green", linestyle=":",
                        linewidth=0.8, label="fresh data vs fresh data")
+        else:
+            ax.axhline(results[setup]["real"]["fid"][0], color="green", linestyle=":",
+                       linewidth=0.8, label="real training digits")
         ax.set_xscale("log")
+        if key == "fid":
+            ax.set_yscale("log")
         ax.set_xlabel("NFE (dotted: one tenth of annealed Langevin's)")
         ax.set_title(title)
         ax.legend(fontsize=7)
@@ -299,7 +394,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--swiss-ckpt", type=Path)
     parser.add_argument("--digits-ckpt", type=Path)
-    parser.add_argument("--setups", nargs="*", default=["swiss", "digits"])
+    parser.add_argument("--digits-continuous-ckpt", type=Path,
+                        help="a digits run trained with noise.continuous=true")
+    parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--only", nargs="*", help="run these settings only (labels), keeping "
+                        "the other rows of --json")
     parser.add_argument("--n-swiss", type=int, default=2000)
     parser.add_argument("--swiss-seeds", type=int, default=3)
     parser.add_argument("--n-digits", type=int, default=300)
@@ -320,16 +419,17 @@ def main() -> None:
     def save() -> None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 
+    given = {"swiss": args.swiss_ckpt, "digits": args.digits_ckpt,
+             "digits_continuous": args.digits_continuous_ckpt}
     with tempfile.TemporaryDirectory() as tmp:
-        if "swiss" in args.setups:
-            path = args.swiss_ckpt or train_experiment("swissroll", Path(tmp) / "swiss")
-            results["swiss"] = {}
-            swiss_rows(load_checkpoint(path), args.n_swiss, args.swiss_seeds,
-                       results["swiss"], save)
-        if "digits" in args.setups:
-            path = args.digits_ckpt or train_experiment("digits", Path(tmp) / "digits")
-            results["digits"] = {}
-            digits_rows(load_checkpoint(path), args.n_digits, results["digits"], save)
+        for setup in args.setups:
+            path = given[setup] or train_experiment(SETUPS[setup], Path(tmp) / setup)
+            result = results.setdefault(setup, {})
+            if setup == "swiss":
+                swiss_rows(load_checkpoint(path), args.n_swiss, args.swiss_seeds, result, save,
+                           args.only)
+            else:
+                digits_rows(load_checkpoint(path), args.n_digits, result, save, args.only)
     render(results, args.page, args.plot)
     print(f"wrote {args.page}, {args.plot}, {args.json}")
 
