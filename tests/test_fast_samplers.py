@@ -271,3 +271,13 @@ def test_ncsn_eval_prints_the_nfe_beside_the_scores(tmp_path):
                      "sampler=heun", "sampler.num_steps=4", f"hydra.run.dir={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr
     assert "note: NFE: 7 network evaluations per sample (sampler=heun)" in result.stdout
+
+
+def test_ncsn_sample_refuses_the_ode_for_a_table_network_in_one_line(tmp_path):
+    cfg = compose_train([*TINY, "trainer.n_steps=2", "model.embedding=multiplicative"])
+    ckpt = training.train(cfg, tmp_path / "run")
+    result = run_cli("ncsn-sample", f"ckpt={ckpt}", f"out={tmp_path / 'out'}", "sampler=ode")
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and "model=cond_mlp (embedding=multiplicative) can only look " \
+        "sigma up in its table; use sampler=heun or sampler=pc" in message[0]
