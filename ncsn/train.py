@@ -204,8 +204,9 @@ def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> R
                                  weight_decay=o.weight_decay, amsgrad=o.amsgrad)
     run = Run(cfg=cfg, run_dir=Path(run_dir), device=device, data=data, sigmas=sigmas, net=net,
               ema=ema, optimizer=optimizer,
-              objective=registry.build_objective(cfg.loss, cfg.model, sigmas, cfg.noise,
-                                                 cfg.dataset),
+              # The table on the device: the objective indexes it every step, no copy.
+              objective=registry.build_objective(cfg.loss, cfg.model, sigmas.to(device),
+                                                 cfg.noise, cfg.dataset),
               sampler=registry.build_sampler(cfg.sampler, sigmas, cfg.model),
               data_generator=torch.Generator().manual_seed(cfg.seed),
               monitor=StepMonitor(len(sigmas), device))
@@ -224,8 +225,9 @@ ONE_THREAD_FLOPS = 2e9
 
 # trainer.precision=auto on the CPU: bf16 autocast for networks of at least this many forward
 # FLOPs per sample, on CPUs that multiply bf16 in hardware (AMX). Measured by
-# scripts/bench_train.py (docs/PERFORMANCE.md): NCSNv2 on CIFAR-10 (6 GFLOP) trains 2.7x
-# faster in bf16, the digits' small U-Net (0.09 GFLOP) slower.
+# scripts/bench_train.py (docs/PERFORMANCE.md): NCSN and NCSNv2 on CIFAR-10 (20 GFLOP)
+# train 2.2-2.7x faster in bf16 on this project's CPU, the digits' small U-Net (0.03 GFLOP)
+# slower.
 CPU_BF16_FLOPS = 1e9
 
 

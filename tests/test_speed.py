@@ -120,11 +120,12 @@ def test_an_infinite_gradient_is_caught_too(tmp_path):
 def test_a_cuda_step_never_waits_for_the_device(tmp_path):
     run = training.build_run(compose_train(IMAGES[:-1] + ["trainer.device=cuda"]), tmp_path)
     batches = training_batches(run.data, 16, run.data_generator, run.device)
-    training.train_step(run, next(batches))                         # warm-up allocations
+    xs = [next(batches) for _ in range(4)]
+    training.train_step(run, xs[0])                                 # warm-up allocations
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            training.train_step(run, next(batches))
+        for x in xs[1:]:
+            training.train_step(run, x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
