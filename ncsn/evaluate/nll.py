@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ncsn import registry
 from ncsn.data import first_tensor
 from ncsn.data.images import IMAGE_DATASETS, ModelSpace, image_config, model_space
-from ncsn.likelihood import bits_per_dim, log_likelihood
+from ncsn.likelihood import LogLikelihood, bits_per_dim, log_likelihood
 
 
 @dataclass
@@ -54,6 +54,7 @@ def score_nll(ckpt: dict, draw, tools, scores) -> None:
 
     options = tools.options
     net = model_from_checkpoint(ckpt, draw.use_ema, tools.device)
+    exact = hasattr(net, "log_prob")        # a normalizing flow: its exact log-density
     sigmas = ckpt["sigmas"]
     sigma_min = options.nll_sigma_min or float(sigmas[-1])
     sigma_max = options.nll_sigma_max or float(sigmas[0])
@@ -67,9 +68,13 @@ def score_nll(ckpt: dict, draw, tools, scores) -> None:
     sums, nfes, n = {"nll": [0.0, 0.0], "bpd": [0.0, 0.0]}, [], 0
     for batch in DataLoader(split.dataset, batch_size=draw.batch_size, shuffle=False):
         x = first_tensor(batch)[:n_total - n].to(tools.device)
-        result = log_likelihood(net, x, sigma_min, sigma_max, options.nll_rtol,
-                                options.nll_atol, options.nll_probes, options.nll_probe,
-                                options.nll_exact_divergence, probes)
+        if exact:
+            with torch.no_grad():
+                result = LogLikelihood(net.log_prob(x).double().cpu(), 1)
+        else:
+            result = log_likelihood(net, x, sigma_min, sigma_max, options.nll_rtol,
+                                    options.nll_atol, options.nll_probes, options.nll_probe,
+                                    options.nll_exact_divergence, probes)
         _accumulate(sums["nll"], -result.log_p)
         if split.levels is not None:
             _accumulate(sums["bpd"], bits_per_dim(result.log_p, x, split.space, split.levels))
@@ -78,7 +83,7 @@ def score_nll(ckpt: dict, draw, tools, scores) -> None:
         if n >= n_total:
             break
     _report(scores, sums, n, sum(nfes) / len(nfes), split, (sigma_min, sigma_max), options,
-            int(x[0].numel()))
+            int(x[0].numel()), exact)
 
 
 def _accumulate(sums: list, values: torch.Tensor) -> None:
@@ -94,7 +99,7 @@ def _mean_and_error(sums: list, n: int) -> tuple[float, float]:
 
 
 def _report(scores, sums: dict, n: int, nfe: float, split: HeldOut, sigma_range, options,
-            d: int) -> None:
+            d: int, exact: bool = False) -> None:
     scores.values["nll"], scores.values["nll_std"] = _mean_and_error(sums["nll"], n)
     if split.levels is not None:
         scores.values["bpd"], scores.values["bpd_std"] = _mean_and_error(sums["bpd"], n)
@@ -102,11 +107,14 @@ def _report(scores, sums: dict, n: int, nfe: float, split: HeldOut, sigma_range,
     scores.details["nll_points"] = n
     divergence = "exact divergence" if options.nll_exact_divergence else \
         f"Hutchinson divergence, {options.nll_probes} {options.nll_probe} probe(s)"
+    method = (f"probability-flow ODE from sigma {sigma_range[0]:.4g} to {sigma_range[1]:.4g}, "
+              f"RK45 rtol {options.nll_rtol:g} atol {options.nll_atol:g}, {divergence}, prior "
+              f"N(0, sigma_max^2 I)")
+    if exact:
+        method = "the flow's exact log-density (change of variables, one evaluation)"
     scores.notes.append(
-        f"nll: -log p_sigma_min(x) in nats per test sample, in the model's space (d = {d}); "
-        f"probability-flow ODE from sigma {sigma_range[0]:.4g} to {sigma_range[1]:.4g}, RK45 "
-        f"rtol {options.nll_rtol:g} atol {options.nll_atol:g}, {divergence}, prior "
-        f"N(0, sigma_max^2 I); std: standard error of the mean over the {n} test samples")
+        f"nll: -log p{'' if exact else '_sigma_min'}(x) in nats per test sample, in the model's "
+        f"space (d = {d}); {method}; std: standard error of the mean over the {n} test samples")
     if split.levels is not None:
         scores.notes.append(_bpd_note(split))
 
