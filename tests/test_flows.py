@@ -282,3 +282,28 @@ def test_score_matching_objectives_train_a_flow_and_its_test_loss_is_its_nll(los
     assert all(p.grad is not None for p in flow.parameters())
     held_out, _ = objective.held_out(flow, x)
     assert torch.allclose(held_out, -flow.log_prob(x))
+
+
+def test_nll_metric_scores_a_flow_by_its_exact_log_density_as_training_does(tmp_path):
+    from conftest import compose_train
+
+    from ncsn import evaluate as ev
+    from ncsn.checkpoint import load_checkpoint
+    from ncsn.train import build_run, test_loss, train
+
+    torch.set_default_dtype(torch.float32)
+    overrides = ["experiment=nice_digits", "model.hidden=16", "model.n_hidden=1",
+                 "trainer.n_steps=5", "trainer.n_plot_samples=0", "trainer.device=cpu",
+                 "trainer.progress=false"]
+    train(compose_train(overrides), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    tools = ev.Instruments(ev.EvalOptions(), torch.device("cpu"))
+    scores = ev.score_checkpoint(ckpt, ["nll"], ev.Draw(n_samples=1000, batch_size=100,
+                                                        device="cpu"), tools)
+    values = scores.values
+    assert values["nll_nfe"] == 1 and "exact log-density" in ev.format_table(scores)
+    assert values["bpd"] == pytest.approx(values["nll"] / (64 * math.log(2)) + math.log2(17))
+    # The trainer's test loss (its own dequantization draw) is the same bits/dim.
+    run = build_run(compose_train(overrides + ["trainer.resume=false"]), tmp_path / "again")
+    run.net.load_state_dict(ckpt["model"])
+    assert test_loss(run) == pytest.approx(values["bpd"], abs=0.02)
