@@ -293,6 +293,8 @@ class SampleConfig:
         mask: str = "half"                   # half (right half unknown) | center | random
         fraction: Optional[float] = None     # center: unknown share of the area (null: 0.25);
                                              # random: each pixel's chance to be unknown (null: 0.5)
+        renoise: str = "level"               # annealed Langevin: level (NCSN's code) | step (NCSNv2's)
+        denoise: bool = False                # neither reference's inpainting denoises at the end
 
     @dataclass
     class Interpolation:
@@ -301,6 +303,7 @@ class SampleConfig:
         vary: str = "noise"                  # noise: one start, the Langevin noise interpolated
                                              # (NCSNv2's repository) | init: the start interpolated,
                                              # one noise | both
+        denoise: bool = False                # NCSNv2's interpolation does not denoise at the end
 
     ckpt: str = MISSING                  # a checkpoint written by ncsn-train
     out: str = MISSING                   # output folder

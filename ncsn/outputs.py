@@ -89,14 +89,19 @@ def _sampler_keys(sampler: CheckpointSampler, mode: str):
 
 
 def _complete(sampler: CheckpointSampler, images: torch.Tensor, mask: torch.Tensor,
-              x_init: torch.Tensor) -> torch.Tensor:
+              x_init: torch.Tensor, options) -> torch.Tensor:
     """Completions of data-space ``images`` (known where ``mask``) by the configured
-    sampler, the known pixels set to the data perturbed to each level the network sees."""
+    sampler, the known pixels set to the data perturbed to each level the network sees.
+    ``options`` is ``inpaint``'s config: annealed Langevin takes its ``renoise`` and
+    ``denoise`` (the reference chains'); the other samplers keep their own settings."""
     s = sampler.sampler_cfg
     if s.name == "annealed_langevin":
-        return inpaint(sampler.net, images, mask, sampler.sigmas, s.step_lr, s.n_steps_each,
-                       s.denoise, x_init=x_init, to_model=sampler.to_model,
-                       to_data=sampler.to_data, progress=True)
+        try:
+            return inpaint(sampler.net, images, mask, sampler.sigmas, s.step_lr, s.n_steps_each,
+                           options.denoise, x_init=x_init, to_model=sampler.to_model,
+                           to_data=sampler.to_data, renoise=options.renoise, progress=True)
+        except ValueError as err:
+            raise registry.ConfigError(f"inpaint: {err}") from None
     # the ODE's known pixels follow one smooth path y + sigma z; pc and heun redraw z
     known = KnownValues(sampler.to_model(images), mask, fixed_noise=s.name == "ode")
     x = sampler.run(x_init, known=known, progress=True)
@@ -156,7 +161,7 @@ def write_inpainting(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     batch = cfg.batch_size or IMAGE_BATCH_SIZE
     completions = torch.cat([
         _complete(sampler, y[i:i + batch].to(sampler.device), m[i:i + batch],
-                  sampler.initial(len(y[i:i + batch]), generator)).cpu()
+                  sampler.initial(len(y[i:i + batch]), generator), c).cpu()
         for i in range(0, len(y), batch)]).view(len(images), c.n_completions, *images.shape[1:])
     rows = torch.cat([masked_picture(images, mask)[:, None], completions, images[:, None]], 1)
     save_picture(rows.flatten(0, 1), out / "inpainting.png", nrow=rows.shape[1])
@@ -179,7 +184,7 @@ def write_interpolation(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     center = (s.init_low + s.init_high) / 2 if s.init == "uniform" else 0.0
     torch.manual_seed(cfg.seed)
     x = interpolate(sampler.net, sampler.sigmas, start, s.step_lr, s.n_steps_each,
-                    c.n_interpolations, s.denoise, end=end,
+                    c.n_interpolations, c.denoise, end=end,
                     interpolate_noise=c.vary in ("noise", "both"), center=center,
                     generator=generator, progress=True)
     images = sampler.to_data(x.flatten(0, 1).cpu())

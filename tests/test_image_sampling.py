@@ -322,3 +322,26 @@ def test_unknown_mode_and_point_checkpoints_are_config_errors(digits_ckpt, tmp_p
     points = training.train(compose_train(TINY + ["trainer.n_steps=2"]), tmp_path / "points")
     with pytest.raises(ConfigError, match="works on images"):
         run_sample(points, tmp_path / "out", "mode=inpaint")
+
+
+def test_inpaint_options_reach_the_chain_and_a_bad_one_is_named(digits_ckpt, tmp_path):
+    def completions(*options):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        run_sample(digits_ckpt, out, "mode=inpaint", "inpaint.n_images=2",
+                   "inpaint.n_completions=1", *options)
+        return np.load(out / "inpainting.npz")["completions"]
+    default = completions()
+    assert np.array_equal(default, completions("inpaint.renoise=level", "inpaint.denoise=false"))
+    assert not np.array_equal(default, completions("inpaint.renoise=step"))
+    assert not np.array_equal(default, completions("inpaint.denoise=true"))
+    with pytest.raises(ConfigError, match="renoise must be one of"):
+        completions("inpaint.renoise=never")
+
+
+def test_interpolation_denoises_only_when_asked(digits_ckpt, tmp_path):
+    rows = {}
+    for denoise in ("false", "true"):
+        run_sample(digits_ckpt, tmp_path / denoise, "mode=interpolate", "interpolation.n_rows=1",
+                   "interpolation.n_interpolations=3", f"interpolation.denoise={denoise}")
+        rows[denoise] = np.load(tmp_path / denoise / "interpolation.npz")["samples"]
+    assert not np.array_equal(rows["false"], rows["true"])
