@@ -251,7 +251,7 @@ class TrainerConfig:
     batch_size: int = 128                # the global batch
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     num_threads: Any = "auto"            # CPU threads for torch: N | auto (1 for small networks,
-                                         # torch's default for large ones) | null: torch's default
+                                         # the free cores for large ones) | null: torch's default
     precision: str = "auto"              # auto (bf16 on CUDA where supported, else tf32; fp32 on
                                          # the CPU) | fp32 | tf32 | bf16 | fp16 (gradient scaling)
     channels_last: Any = "auto"          # image networks in channels-last layout; auto: on CUDA

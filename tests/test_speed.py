@@ -179,9 +179,13 @@ def test_num_threads_auto_counts_the_steps_flops(tmp_path, monkeypatch):
     run = training.build_run(cfg, tmp_path)
     assert training.step_flops(run) == 3 * batch * 2 * (2 * h + h * h + h * 2)
     assert torch.get_num_threads() == 1
+    # A large step: the cores the other processes leave free, within [1, torch's default].
     monkeypatch.setattr(training, "ONE_THREAD_FLOPS", 1.0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
-    assert training.auto_num_threads(run) == 7
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 8)
+    for load, threads in ((0.0, 7), (4.8, 3), (20.0, 1)):
+        monkeypatch.setattr(training.os, "getloadavg", lambda: (load, load, load))
+        assert training.auto_num_threads(run) == threads
 
 
 def test_fused_ema_is_torchs_ema_to_the_bit(tmp_path):
