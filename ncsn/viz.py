@@ -40,6 +40,30 @@ def score_field_figure(net, data: Tensor, sigma: float, grid_size: int = 24,
     return fig
 
 
+@torch.no_grad()
+def density_figure(log_prob, data: Tensor, samples: Tensor, grid_size: int = 200,
+                   n: int = 2000, device="cpu"):
+    """Three panels over the data's range: the data, the learned density exp(log_prob(x))
+    as a heat map (``log_prob``: (N, 2) -> (N,), a flow's exact log-density), the samples."""
+    x0, x1, y0, y1 = _bounds(data)
+    xs, ys = torch.linspace(x0, x1, grid_size), torch.linspace(y0, y1, grid_size)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    density = log_prob(grid.to(device)).exp().cpu().reshape(grid_size, grid_size)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    axes[0].scatter(*data[:n].T, s=2, alpha=0.4, color="tab:gray")
+    axes[0].set_title("data")
+    axes[1].imshow(density.numpy(), origin="lower", extent=(x0, x1, y0, y1), cmap="magma")
+    axes[1].set_title("learned density p(x)")
+    axes[2].scatter(*samples[:n].T, s=2, alpha=0.6, color="tab:orange")
+    axes[2].set_title("samples")
+    for ax in axes:
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
 def samples_figure(samples: Tensor, data: Tensor, n: int = 2000):
     """Samples (orange) over the data (gray)."""
     fig, ax = plt.subplots(figsize=(6, 6))
