@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import os
 import signal
 import sys
 import time
@@ -278,9 +279,14 @@ def step_flops(run: Run) -> float:
 
 
 def auto_num_threads(run: Run) -> int:
-    """trainer.num_threads=auto on the CPU: one thread for a step under ONE_THREAD_FLOPS,
-    torch's default (the physical cores) above."""
-    return 1 if step_flops(run) < ONE_THREAD_FLOPS else torch.get_num_threads()
+    """trainer.num_threads=auto on the CPU: one thread for a step under ONE_THREAD_FLOPS;
+    above, the cores other processes leave free (the CPU count less the one-minute load
+    average), at least one and at most torch's default. Threads that contend with busy
+    processes run many times slower than one thread alone (docs/PERFORMANCE.md)."""
+    if step_flops(run) < ONE_THREAD_FLOPS:
+        return 1
+    free = round((os.cpu_count() or 1) - os.getloadavg()[0])
+    return max(1, min(torch.get_num_threads(), free))
 
 
 def apply_speed_options(run: Run) -> None:
