@@ -67,7 +67,8 @@ def test_bits_per_dim(ckpt_path: Path) -> tuple[float, torch.Tensor]:
     total, n = 0.0, 0
     for batch in DataLoader(split.dataset, batch_size=256):
         x = first_tensor(batch)
-        total += negative_log_likelihood(flow.log_prob(x), x, split.space, split.levels).sum().item()
+        nll = negative_log_likelihood(flow.log_prob(x), x, split.space, split.levels)
+        total += nll.sum().item()
         n += len(x)
     samples = flow.sample(64, generator=torch.Generator().manual_seed(0))
     to_data = data_space_map(OmegaConf.create(ckpt["config"]["dataset"]))
@@ -177,10 +178,11 @@ def write_report(path: Path, rows, base: dict, args) -> None:
               for label, bpd, steps, per, total in rows]
     lines += [f"| {name} (fitted, no steps) | {bpd:.3f} | | | |" for name, bpd in base.items()]
     table = "\n".join(lines)
-    settings = (f"`python scripts/compare_objectives.py --steps {args.steps} --hidden {args.hidden} "
-                f"--n-hidden {args.n_hidden} --batch-size {args.batch_size} "
-                f"{f'--exact-sm-steps {args.exact_sm_steps} ' if args.exact_sm_steps else ''}--objectives "
-                f"{args.objectives} --dsm-sigma {args.dsm_sigma:g}{' --flows' if args.flows else ''}`")
+    exact_sm = f"--exact-sm-steps {args.exact_sm_steps} " if args.exact_sm_steps else ""
+    settings = (f"`python scripts/compare_objectives.py --steps {args.steps} "
+                f"--hidden {args.hidden} --n-hidden {args.n_hidden} "
+                f"--batch-size {args.batch_size} {exact_sm}--objectives {args.objectives} "
+                f"--dsm-sigma {args.dsm_sigma:g}{' --flows' if args.flows else ''}`")
     path.write_text(REPORT.format(table=table, settings=settings))
 
 

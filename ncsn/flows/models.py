@@ -35,6 +35,13 @@ class ExactSample:
     temperature: float = 1.0
 
 
+@dataclass(frozen=True)
+class LogDensity:
+    """Passed as ``sigma``, asks a flow for log p(x) (B,) instead of its score, through its
+    forward call, so that DistributedDataParallel's gradient averaging sees it (the
+    ``loss=nll`` objective calls ``net(x, LogDensity())``)."""
+
+
 # ----------------------------------------------------------------------------- priors
 def prior_log_prob(z: Tensor, prior: str) -> Tensor:
     """log p_Z(z) (B,) of a factorised standard prior on z (B, D): Gaussian, or NICE's
@@ -149,9 +156,12 @@ class Flow(nn.Module):
             (grad,) = torch.autograd.grad(log_p, x_in, create_graph=create_graph)
         return grad
 
-    def forward(self, x: Tensor, sigma: Tensor | ExactSample | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | ExactSample | LogDensity | None = None) -> Tensor:
         """The score s(x) = grad_x log p(x), as a score network ``net(x, sigma)``; sigma
-        is ignored (an unconditional model), unless it is an :class:`ExactSample`."""
+        is ignored (an unconditional model), unless it is an :class:`ExactSample` or a
+        :class:`LogDensity`."""
+        if isinstance(sigma, LogDensity):
+            return self.log_prob(x)
         if isinstance(sigma, ExactSample):
             z = prior_from_normal(x.flatten(1), self.prior, sigma.temperature)
             return self.inverse_map(z)[0]
@@ -233,7 +243,8 @@ def glow(shape: tuple[int, ...], n_levels: int = 2, depth: int = 8, hidden: int 
     if len(shape) == 1:
         dim = shape[0]
         if dim < 2:
-            raise ValueError(f"Glow's coupling splits the coordinates in two, but the data has {dim}")
+            raise ValueError(f"Glow's coupling splits the coordinates in two, but the data "
+                             f"has {dim}")
         return Flow(shape, Sequence(_glow_steps(dim, depth, lu, lambda c: mlp(
             dim, hidden, 2, 2 * dim, True))), prior)
     _check_squeezable(shape, n_levels, "model=glow")

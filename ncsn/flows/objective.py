@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ncsn.data.images import IMAGE_DATASETS, ModelSpace
-from ncsn.flows.models import ExactSample
+from ncsn.flows.models import ExactSample, LogDensity
 from ncsn.likelihood import model_space_log_det
 
 FLOW_MODELS = ("nice", "realnvp", "glow")
@@ -49,8 +49,7 @@ def nll_objective(space: ModelSpace, levels: int | None):
     """``objective(net, x) -> (per-sample NLL (B,), None)`` for a flow ``net`` (its
     ``log_prob``): bits/dim for images, nats for points."""
     def objective(net: nn.Module, x: Tensor):
-        flow = getattr(net, "module", net)          # DistributedDataParallel's wrapped flow
-        return negative_log_likelihood(flow.log_prob(x), x, space, levels), None
+        return negative_log_likelihood(net(x, LogDensity()), x, space, levels), None
     return objective
 
 
