@@ -7,8 +7,8 @@ ncsn-train's trainer. Each is judged by its exact test bits/dim (the test split 
 dequantized once, seed 0), beside a factorised Gaussian and a per-pixel histogram fitted to
 the training split; RealNVP and Glow by maximum likelihood with --flows.
 
-    python scripts/compare_objectives.py [--steps 2000] [--hidden 1000] [--n-hidden 5]
-        [--objectives nll,exact_sm,ssm,ssm_vr,dsm] [--dsm-sigma 0.05] [--flows]
+    python scripts/compare_objectives.py [--steps 2000] [--hidden 1000] [--n-hidden 5] [--lr 1e-3]
+        [--exact-sm-steps N] [--objectives nll,exact_sm,ssm,ssm_vr,dsm] [--dsm-sigma 0.05] [--flows]
         [--out docs] [--json results.json]
 
 Writes OUT/OBJECTIVES.md (the table and the run's settings) and OUT/objectives_samples.png
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1000)
     parser.add_argument("--n-hidden", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=None, help="default: the experiment's")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--exact-sm-steps", type=int, default=None,
                         help="steps for exact SM (64 backward passes each); default --steps")
@@ -142,7 +143,8 @@ def main() -> None:
     budget = lambda steps: [f"trainer.n_steps={steps}", f"trainer.ckpt_every={steps}"]
     common = [*budget(args.steps), f"trainer.batch_size={args.batch_size}",
               "trainer.n_plot_samples=0"]
-    nice = [f"model.hidden={args.hidden}", f"model.n_hidden={args.n_hidden}"]
+    nice = [f"model.hidden={args.hidden}", f"model.n_hidden={args.n_hidden}",
+            *([f"optim.lr={args.lr}"] if args.lr else [])]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in filter(None, args.objectives.split(",")):
@@ -181,7 +183,8 @@ def write_report(path: Path, rows, base: dict, args) -> None:
     exact_sm = f"--exact-sm-steps {args.exact_sm_steps} " if args.exact_sm_steps else ""
     settings = (f"`python scripts/compare_objectives.py --steps {args.steps} "
                 f"--hidden {args.hidden} --n-hidden {args.n_hidden} "
-                f"--batch-size {args.batch_size} {exact_sm}--objectives {args.objectives} "
+                f"--batch-size {args.batch_size} {f'--lr {args.lr:g} ' if args.lr else ''}"
+                f"{exact_sm}--objectives {args.objectives} "
                 f"--dsm-sigma {args.dsm_sigma:g}{' --flows' if args.flows else ''}`")
     path.write_text(REPORT.format(table=table, settings=settings))
 
