@@ -5,6 +5,8 @@ Langevin samplers, usable from a notebook without Hydra.
     sigmas = ncsn.geometric_sigmas(1.0, 0.01, 10)
     loss = ncsn.anneal_dsm(net, x, sigmas)                 # net(x, sigma) -> score
     x = ncsn.annealed_langevin(net, x0, sigmas, step_lr=2e-5, n_steps_each=100)
+    x = ncsn.heun(net, x0 * sigmas[0], ncsn.edm_sigmas(1.0, 0.01, 18))   # 35 evaluations
+    ll = ncsn.log_likelihood(net, x, sigma_min=0.01, sigma_max=1.0)     # nats per sample
 """
 from ncsn.data.toy import GaussianMixture, make_toy
 from ncsn.losses import (anneal_dsm, annealed, denoising_score_matching, score_matching,
@@ -12,7 +14,9 @@ from ncsn.losses import (anneal_dsm, annealed, denoising_score_matching, score_m
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
 from ncsn.image_sampling import inpaint, interpolate, make_mask
-from ncsn.sampling import annealed_langevin, langevin, ncsnv2_step_lr
+from ncsn.likelihood import bits_per_dim, log_likelihood
+from ncsn.sampling import (CountingNet, annealed_langevin, edm_sigmas, heun, langevin,
+                           ncsnv2_step_lr, predictor_corrector, probability_flow)
 
 __version__ = "0.1.0"
 
@@ -23,5 +27,7 @@ __all__ = [
     "ScoreMLP", "ConditionalMLP",
     "geometric_sigmas", "largest_pairwise_distance", "num_scales_for",
     "langevin", "annealed_langevin", "ncsnv2_step_lr",
+    "predictor_corrector", "probability_flow", "heun", "edm_sigmas", "CountingNet",
+    "log_likelihood", "bits_per_dim",
     "inpaint", "interpolate", "make_mask",
 ]
