@@ -139,7 +139,7 @@ def swiss_rows(ckpt: dict, n: int, seeds: int, result: dict, save,
 
 
 def digits_rows(ckpt: dict, n: int, result: dict, save,
-                only: list[str] | None = None) -> None:
+                only: list[str] | None = None, seed: int = 0) -> None:
     """Every setting, one batch, into ``result``: classifier-feature FID to the held-out
     digits, confidence; ``save()`` after every row."""
     net = model_from_checkpoint(ckpt)
@@ -149,13 +149,13 @@ def digits_rows(ckpt: dict, n: int, result: dict, save,
     subsets = [torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))[:n]
                for seed in range(REAL_SUBSETS)]
     real = [digits_metrics(train_split[index], classifier) for index in subsets]
-    result.update(checkpoint=describe(ckpt), n=n,
+    result.update(checkpoint=describe(ckpt), n=n, seed=seed,
                   real={"fid": _mean_std([r["fid"] for r in real]),
                         "confidence": _mean([r["confidence"] for r in real])},
                   between_levels=between_levels(net, ckpt["sigmas"], train_split[subsets[0]]))
     save()
     for label, replace in settings(only):
-        x, nfe, seconds = draw(ckpt, net, replace, n, seed=0)
+        x, nfe, seconds = draw(ckpt, net, replace, n, seed)
         scores = digits_metrics(x.float(), classifier)
         row = {"sampler": label, "nfe": nfe, "fid": scores["fid"],
                "confidence": scores["confidence"], "seconds": seconds,
@@ -310,7 +310,8 @@ def digits_section(result: dict, title: str) -> list[str]:
              f"Checkpoint: {result['checkpoint']}. Quality: the Frechet distance in the digits "
              f"classifier's feature space between {result['n']} samples and the 360 held-out "
              f"digits (lower is better), the classifier's mean confidence (higher is better) "
-             f"and the classes it sees; one batch, seed 0. For scale and noise, "
+             f"and the classes it sees; one batch, seed {result.get('seed', 0)}. For scale "
+             f"and noise, "
              f"{result['n']} real training digits ({REAL_SUBSETS} random sets): FID "
              f"{_real_fid(result)}, confidence {result['real']['confidence']:.3f}.", "",
              "| sampler | NFE | feature FID | confidence | classes | wall time (s) |",
@@ -402,6 +403,8 @@ def main() -> None:
     parser.add_argument("--n-swiss", type=int, default=2000)
     parser.add_argument("--swiss-seeds", type=int, default=3)
     parser.add_argument("--n-digits", type=int, default=300)
+    parser.add_argument("--digits-seed", type=int, default=0,
+                        help="the digits' sampling seed (another seed: another --json)")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "samplers.json")
     parser.add_argument("--page", type=Path, default=REPO / "docs" / "SAMPLERS.md")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "samplers.png")
@@ -429,7 +432,8 @@ def main() -> None:
                 swiss_rows(load_checkpoint(path), args.n_swiss, args.swiss_seeds, result, save,
                            args.only)
             else:
-                digits_rows(load_checkpoint(path), args.n_digits, result, save, args.only)
+                digits_rows(load_checkpoint(path), args.n_digits, result, save, args.only,
+                            args.digits_seed)
     render(results, args.page, args.plot)
     print(f"wrote {args.page}, {args.plot}, {args.json}")
 
