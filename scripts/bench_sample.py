@@ -96,7 +96,7 @@ def main() -> None:
         for option in options:
             row = in_subprocess(["--one", network, option, "--device", args.device,
                                  "--batch", str(args.batch), "--levels", str(args.levels)],
-                                args.timeout)
+                                args.timeout, script=__file__)
             if row:
                 rows.append(row)
                 print(f"{network:22} {option:16} {row['evaluations_per_s']:9.2f} NFE/s",

@@ -152,11 +152,12 @@ def measure_one(network: str, option: str, device: str, batch: int | None, steps
             "parameters": sum(p.numel() for p in run.net.parameters())}
 
 
-def in_subprocess(args: list[str], timeout: float) -> dict | None:
-    """Run this script with ``--one`` in a fresh process; its JSON line, or None."""
+def in_subprocess(args: list[str], timeout: float, script: str = __file__) -> dict | None:
+    """Run ``script`` (this one by default) with ``--one`` in a fresh process; its JSON
+    line, or None."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     try:
-        done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         print(f"  {' '.join(args)}: over {timeout:.0f} s, skipped", file=sys.stderr)
@@ -215,35 +216,46 @@ def busy() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def quick_start_seconds(n_steps: int, threads: str) -> float:
-    """Wall time of ``ncsn-train experiment=swissroll`` for ``n_steps`` steps, start-up
-    included (the command a user types)."""
+def quick_start_seconds(n_steps: int, threads: str) -> tuple[float, float]:
+    """Wall time and CPU time (user + system) of ``ncsn-train experiment=swissroll`` for
+    ``n_steps`` steps, start-up included (the command a user types). The CPU time tells
+    a smaller share of the cores (wall up, CPU time the same) from threads that waste
+    their time waiting for each other (CPU time up too)."""
     with tempfile.TemporaryDirectory() as out:
         command = [str(Path(sys.executable).parent / "ncsn-train"), "experiment=swissroll",
                    f"trainer.n_steps={n_steps}", "trainer.n_plot_samples=0",
                    f"trainer.num_threads={threads}", f"hydra.run.dir={out}"]
         env = {k: v for k, v in os.environ.items()
                if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True, env=env)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def contention_table(args) -> dict:
     """The quick start alone and beside two busy processes, with num_threads auto and null."""
     results = {"n_steps": args.quick_steps}
-    for threads in ("auto", "null"):
-        results[f"idle_{threads}"] = quick_start_seconds(args.quick_steps, threads)
+    for threads in args.contention_threads:
+        results[f"load_before_{threads}"] = os.getloadavg()[0]
+        results[f"idle_{threads}"], results[f"idle_cpu_{threads}"] = quick_start_seconds(
+            args.quick_steps, threads)
         hogs = [busy(), busy()]
         try:
-            results[f"busy_{threads}"] = quick_start_seconds(args.quick_steps, threads)
+            results[f"busy_{threads}"], results[f"busy_cpu_{threads}"] = quick_start_seconds(
+                args.quick_steps, threads)
         finally:
             for hog in hogs:
                 hog.kill()
                 hog.wait()
-        print(f"num_threads={threads}: alone {results[f'idle_{threads}']:.1f} s, beside two "
-              f"busy processes {results[f'busy_{threads}']:.1f} s", flush=True)
-    results["ratio_auto"] = results["busy_auto"] / results["idle_auto"]
+        print(f"num_threads={threads}: alone {results[f'idle_{threads}']:.1f} s wall "
+              f"({results[f'idle_cpu_{threads}']:.1f} s CPU), beside two busy processes "
+              f"{results[f'busy_{threads}']:.1f} s wall ({results[f'busy_cpu_{threads}']:.1f} s "
+              f"CPU); load average before: {results[f'load_before_{threads}']:.1f}", flush=True)
+    for threads in args.contention_threads:
+        results[f"ratio_{threads}"] = results[f"busy_{threads}"] / results[f"idle_{threads}"]
     return results
 
 
@@ -261,6 +273,8 @@ def main() -> None:
     parser.add_argument("--contention", action="store_true",
                         help="the quick start alone and beside two busy processes")
     parser.add_argument("--quick-steps", type=int, default=1500)
+    parser.add_argument("--contention-threads", nargs="*", default=["auto"],
+                        help="trainer.num_threads values to compare (auto, null, 1, 2, ...)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--one", nargs=2, metavar=("NETWORK", "OPTION"), help=argparse.SUPPRESS)
     parser.add_argument("--threads-one", type=int, help=argparse.SUPPRESS)
