@@ -10,7 +10,8 @@ from torch.autograd.functional import jacobian
 
 from ncsn import registry
 from ncsn.data.images import ModelSpace
-from ncsn.flows import ExactSample, Flow, glow, negative_log_likelihood, nice, realnvp
+from ncsn.flows import (ExactSample, Flow, LogDensity, glow, negative_log_likelihood, nice,
+                        realnvp)
 from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, DiagonalScaling,
                                InvertibleConv1x1, Sequence, Squeeze, alternating_mask,
                                channel_mask, checkerboard_mask)
@@ -307,3 +308,15 @@ def test_nll_metric_scores_a_flow_by_its_exact_log_density_as_training_does(tmp_
     run = build_run(compose_train(overrides + ["trainer.resume=false"]), tmp_path / "again")
     run.net.load_state_dict(ckpt["model"])
     assert test_loss(run) == pytest.approx(values["bpd"], abs=0.02)
+
+
+def test_actnorm_initialisation_travels_with_the_state_dict_and_is_not_redone():
+    trained = glow((1, 4, 4), n_levels=1, depth=1, hidden=4).double()
+    trained(torch.rand(8, 1, 4, 4), LogDensity())               # first batch: initialises
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    assert state["transform.layer.layers.1.initialized"] == 1
+    restored = glow((1, 4, 4), n_levels=1, depth=1, hidden=4).double()
+    restored.load_state_dict(state)
+    restored(torch.rand(8, 1, 4, 4) * 5 + 3, LogDensity())      # a resumed run's next batch
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, state[key]), key
