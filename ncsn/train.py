@@ -227,7 +227,7 @@ ONE_THREAD_FLOPS = 2e9
 # trainer.precision=auto on the CPU: bf16 autocast for networks of at least this many forward
 # FLOPs per sample, on CPUs that multiply bf16 in hardware (AMX). Measured by
 # scripts/bench_train.py (docs/PERFORMANCE.md): NCSN and NCSNv2 on CIFAR-10 (20 GFLOP)
-# train 2.2-2.7x faster in bf16 on this project's CPU, the digits' small U-Net (0.03 GFLOP)
+# train 2.1-2.7x faster in bf16 on this project's CPU, the digits' small U-Net (0.03 GFLOP)
 # slower.
 CPU_BF16_FLOPS = 1e9
 
