@@ -167,7 +167,7 @@ def test_resized_and_large_datasets_stay_on_the_loader(tmp_path, skip_md5):  # n
                          torch.Generator(), "cpu")
 
 
-# ----------------------------------------------------------------------------- threads, EMA, sampling
+# ----------------------------------------------------------------------------- threads, EMA, NFE
 def test_num_threads_auto_counts_the_steps_flops(tmp_path, monkeypatch):
     # model=mlp: Linear(2, h), Linear(h, h), Linear(h, 2); a Linear(a, b) costs 2ab FLOPs per
     # sample, a step three forward passes of the batch.
@@ -221,7 +221,8 @@ def test_picture_sampling_logs_the_evaluations_it_then_makes(tmp_path, caplog, m
         training.log_sampling_cost(run, 16)
     timed = len(calls)
     training.draw_samples(run, 16)
-    message = next(r.getMessage() for r in caplog.records if "network evaluations" in r.getMessage())
+    message = next(m for m in (r.getMessage() for r in caplog.records)
+                   if "network evaluations" in m)
     assert f"{len(calls) - timed} network evaluations of a batch of 16" in message
     assert calls[timed:] == [16] * (len(calls) - timed)
     assert len(calls) - timed == 10 * 5 + 1                         # L T + the denoising step
