@@ -239,7 +239,8 @@ def digits_verdict(result: dict) -> str:
         return f"no sampler setting ran at <= {budget:g} NFE"
     best = min(cheap, key=lambda r: r["fid"])
     met = best["fid"] <= langevin["fid"] and best["confidence"] >= langevin["confidence"]
-    return (f"**{'met' if met else 'not met'}**: {best['sampler']} at {best['nfe']:.0f} NFE "
+    return (f"**{'met' if met else 'not met'}** on seed {result.get('seed', 0)}'s batch: "
+            f"{best['sampler']} at {best['nfe']:.0f} NFE "
             f"(<= {budget:g}, one tenth of annealed Langevin's {langevin['nfe']:.0f}) has "
             f"feature FID {best['fid']:.2f} and confidence {best['confidence']:.3f} against "
             f"annealed Langevin's {langevin['fid']:.2f} and {langevin['confidence']:.3f} "
@@ -321,6 +322,7 @@ def digits_section(result: dict, title: str) -> list[str]:
                      f"{r['confidence']:.3f} | {r['classes']} | {r['seconds']:.1f} |")
     lines += ["", f"Target (one tenth of annealed Langevin's NFE, at least its quality): "
                   f"{digits_verdict(result)}.", ""]
+    lines += other_seeds_section(result)
     if "between_levels" in result:
         lines += ["Between the table's levels: the denoising error E|sigma s(x + sigma z, "
                   f"sigma) + z|^2 of {result['n']} real digits (d = 64) at table levels and at "
@@ -331,6 +333,28 @@ def digits_section(result: dict, title: str) -> list[str]:
                   f"{r['between']:.2f} |" for r in result["between_levels"]]
         lines.append("")
     return lines
+
+
+def other_seeds_section(result: dict) -> list[str]:
+    """The settings also run at other seeds (``--merge-seeds``): FID per seed, mean, std."""
+    others = result.get("other_seeds", {})
+    if not others:
+        return []
+    seeds = [result.get("seed", 0), *sorted(others, key=int)]
+    by_seed = {str(result.get("seed", 0)): result["rows"], **others}
+    labels = [r["sampler"] for r in result["rows"]
+              if all(any(o["sampler"] == r["sampler"] for o in rows) for rows in others.values())]
+    lines = ["The same checkpoint at other sampling seeds (feature FID; confidence averaged):", "",
+             "| sampler | NFE | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean +- std | confidence |", "|---|---:|" + "---:|" * (len(seeds) + 2)]
+    for label in labels:
+        rows = [next(r for r in by_seed[str(s)] if r["sampler"] == label) for s in seeds]
+        fid = _mean_std([r["fid"] for r in rows])
+        lines.append(f"| {label} | {_mean([r['nfe'] for r in rows]):.0f} | "
+                     + " | ".join(f"{r['fid']:.2f}" for r in rows)
+                     + f" | {fid[0]:.2f} +- {fid[1]:.2f} | "
+                     f"{_mean([r['confidence'] for r in rows]):.3f} |")
+    return lines + [""]
 
 
 def plot_results(results: dict, path: Path) -> None:
@@ -408,12 +432,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "samplers.json")
     parser.add_argument("--page", type=Path, default=REPO / "docs" / "SAMPLERS.md")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "samplers.png")
+    parser.add_argument("--merge-seeds", nargs="*", type=Path, default=[],
+                        help="JSON files of --digits-seed runs: tabulated per seed")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite the page and the plot from --json")
     args = parser.parse_args()
 
     if args.render_only:
-        render(json.loads(args.json.read_text()), args.page, args.plot)
+        results = json.loads(args.json.read_text())
+        for other in map(lambda p: json.loads(p.read_text()), args.merge_seeds):
+            for setup in DIGITS_TITLES:
+                if setup in other and setup in results:
+                    results[setup].setdefault("other_seeds", {})[str(other[setup]["seed"])] = \
+                        other[setup]["rows"]
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        render(results, args.page, args.plot)
         return
     torch.set_num_threads(1)
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
