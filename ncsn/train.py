@@ -278,12 +278,13 @@ def step_flops(run: Run) -> float:
     return 3.0 * sample_flops(run) * run.cfg.trainer.batch_size
 
 
-def auto_num_threads(run: Run) -> int:
+def auto_num_threads(run: Run, flops: float | None = None) -> int:
     """trainer.num_threads=auto on the CPU: one thread for a step under ONE_THREAD_FLOPS;
     above, the cores other processes leave free (the CPU count less the one-minute load
     average), at least one and at most torch's default. Threads that contend with busy
-    processes run many times slower than one thread alone (docs/PERFORMANCE.md)."""
-    if step_flops(run) < ONE_THREAD_FLOPS:
+    processes run many times slower than one thread alone (docs/PERFORMANCE.md).
+    ``flops``: the step's FLOPs when already counted."""
+    if (flops if flops is not None else step_flops(run)) < ONE_THREAD_FLOPS:
         return 1
     free = round((os.cpu_count() or 1) - os.getloadavg()[0])
     return max(1, min(torch.get_num_threads(), free))
@@ -293,9 +294,9 @@ def apply_speed_options(run: Run) -> None:
     """Set up ``run`` to step as fast as the device allows (trainer.precision, num_threads,
     channels_last, fused_adam, compile); see docs/PERFORMANCE.md for what each is worth."""
     t, device = run.cfg.trainer, run.device
+    flops = sample_flops(run) if device.type == "cpu" else 0.0        # forward, one sample
     if t.num_threads == "auto" and device.type == "cpu":
-        torch.set_num_threads(auto_num_threads(run))
-    flops = sample_flops(run) if device.type == "cpu" and t.precision == "auto" else 0.0
+        torch.set_num_threads(auto_num_threads(run, 3.0 * flops * t.batch_size))
     precision = resolve_precision(t.precision, device, flops)
     if device.type == "cuda":
         # TF32 for the fp32 matmuls and convolutions left outside autocast.
@@ -623,7 +624,7 @@ def log_sampling_cost(run: Run, n: int) -> None:
 
 def _duration(seconds: float) -> str:
     if seconds < 120:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.2g} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
