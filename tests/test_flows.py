@@ -320,3 +320,16 @@ def test_actnorm_initialisation_travels_with_the_state_dict_and_is_not_redone():
     restored(torch.rand(8, 1, 4, 4) * 5 + 3, LogDensity())      # a resumed run's next batch
     for key, value in restored.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_langevin_on_a_flows_score_agrees_with_its_exact_samples():
+    flow = perturbed(Flow((2,), Sequence([ActNorm(2), InvertibleConv1x1(2, lu=True)])), 0.3)
+    flow.eval()
+    cfg = OmegaConf.create({"name": "langevin", "step_size": 5e-3, "n_steps": 1500,
+                            "sigma": None})
+    langevin = registry.build_sampler(cfg, torch.ones(1), OmegaConf.create({"name": "glow"}))
+    exact = exact_samples(flow, torch.randn(20_000, 2))
+    chains = langevin(flow, torch.randn(4000, 2))
+    # Langevin's stationary law differs from p by O(step size): a few hundredths here.
+    assert torch.allclose(chains.mean(0), exact.mean(0), atol=0.05)
+    assert torch.allclose(torch.cov(chains.T), torch.cov(exact.T), atol=0.05 * exact.var(0).max())
