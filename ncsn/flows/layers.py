@@ -8,7 +8,6 @@ and log |det dx/dy| (its negative at the same pair) for the inverse. Layers take
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
