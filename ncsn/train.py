@@ -774,7 +774,8 @@ def _loop(run: Run) -> Path:
     logger = TrainLogger(run)
     batches = training_batches(run.data, t.batch_size, run.data_generator, run.device,
                                num_workers=run.cfg.dataset.get("num_workers", 0),
-                               on_device=t.data_on_device)
+                               on_device=t.data_on_device, seed=run.cfg.seed,
+                               start_batch=run.step)
     bar = tqdm(total=t.n_steps, initial=run.step, desc="train", dynamic_ncols=True,
                disable=not (t.progress and sys.stderr.isatty() and distributed.is_main()))
     # This rank's rows of every global batch; the objectives draw their labels and noise

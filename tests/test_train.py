@@ -187,3 +187,23 @@ def test_checkpoint_keeps_the_ema_as_a_plain_state_dict_and_reads_the_old_form(t
     net = model_from_checkpoint({**ckpt, "ema": old_form})
     for key, value in net.state_dict().items():
         assert torch.equal(value, ckpt["ema"][key]), key
+
+
+@pytest.mark.parametrize("on_device", ["true", "false"])
+def test_image_runs_resume_mid_epoch_and_at_its_end_to_the_same_weights(tmp_path, on_device):
+    # Images are drawn epoch by epoch (a permutation each, flips and dequantization noise
+    # per image). The digits' 1,437 training images make 2 batches of 512 an epoch, so a
+    # stop after step 3 resumes mid-epoch and one after step 4 at an epoch's end.
+    images = ["dataset=digits", "model=unet_small", "model.ch=8", "noise.num_scales=4",
+              "trainer.batch_size=512", "trainer.n_plot_samples=0", "trainer.device=cpu",
+              "trainer.progress=false", "dataset.random_flip=true",
+              "dataset.uniform_dequantization=true", f"trainer.data_on_device={on_device}"]
+    straight = weights(training.train(compose_train(images + ["trainer.n_steps=6"]),
+                                      tmp_path / "straight"))
+    for stop in (3, 4):
+        run_dir = tmp_path / f"stop{stop}"
+        training.train(compose_train(images + [f"trainer.n_steps={stop}"]), run_dir)
+        resumed = weights(training.train(compose_train(images + ["trainer.n_steps=6"]), run_dir))
+        assert resumed[2] == straight[2] == 6
+        for key, value in straight[0].items():
+            assert torch.equal(value, resumed[0][key]), (stop, key)

@@ -74,18 +74,25 @@ def transform_batch(raw: RawImages, pixels: Tensor) -> Tensor:
 
 
 def device_batches(raw: RawImages, batch_size: int, generator: torch.Generator,
-                   device: torch.device | str) -> Iterator[Tensor]:
+                   device: torch.device | str, start_batch: int = 0) -> Iterator[Tensor]:
     """Training batches forever, (B, C, H, W) on ``device``: a random permutation per epoch
-    from ``generator`` (its state is checkpointed), full batches only."""
+    from ``generator``, full batches only. ``generator`` is freshly seeded; a run resumed
+    after ``start_batch`` batches replays the permutations and continues mid-epoch
+    (``ncsn.data.replay_epochs``)."""
+    from ncsn.data import replay_epochs
     pixels = raw.pixels.to(device)
     n = len(pixels)
+    offset = replay_epochs(n, batch_size, generator, start_batch)
     while True:
         # A DataLoader draws its workers' base seed from the global generator at every epoch;
-        # drawn here too, so that the flips and the noise stay in step with it.
-        torch.empty((), dtype=torch.int64).random_()
+        # drawn here too, so that the flips and the noise stay in step with it (a resumed
+        # epoch drew it before the checkpoint that restored the global generator).
+        if offset == 0:
+            torch.empty((), dtype=torch.int64).random_()
         order = torch.randperm(n, generator=generator).to(device)
-        for start in range(0, n - batch_size + 1, batch_size):
+        for start in range(offset * batch_size, n - batch_size + 1, batch_size):
             yield transform_batch(raw, pixels[order[start:start + batch_size]])
+        offset = 0
         # RandomSampler draws a second permutation for the remainder of n samples, n % n = 0.
         torch.randperm(n, generator=generator)
 
