@@ -8,7 +8,8 @@ dequantized once, seed 0), beside a factorised Gaussian and a per-pixel histogra
 the training split; RealNVP and Glow by maximum likelihood with --flows.
 
     python scripts/compare_objectives.py [--steps 2000] [--hidden 1000] [--n-hidden 5] [--lr 1e-3]
-        [--exact-sm-steps N] [--objectives nll,exact_sm,ssm,ssm_vr,dsm] [--dsm-sigma 0.05] [--flows]
+        [--exact-sm-steps N] [--objectives nll,exact_sm,ssm,ssm_vr,dsm] [--dsm-sigma 0.05]
+        [--logit LAMBDA] [--flows]
         [--out docs] [--json results.json]
 
 Writes OUT/OBJECTIVES.md (the table and the run's settings) and OUT/objectives_samples.png
@@ -136,6 +137,10 @@ def main() -> None:
     parser.add_argument("--exact-sm-steps", type=int, default=None,
                         help="steps for exact SM (64 backward passes each); default --steps")
     parser.add_argument("--dsm-sigma", type=float, default=0.05)
+    parser.add_argument("--logit", type=float, default=None, metavar="LAMBDA",
+                        help="train NICE in logit space, logit(LAMBDA + (1 - 2 LAMBDA) x), as "
+                             "the sliced score matching code did (its clamp: 1e-3); default: "
+                             "pixels in [0, 1]")
     parser.add_argument("--flows", action="store_true", help="also RealNVP and Glow by ML")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--json", default=None)
@@ -144,7 +149,9 @@ def main() -> None:
     common = [*budget(args.steps), f"trainer.batch_size={args.batch_size}",
               "trainer.n_plot_samples=0"]
     nice = [f"model.hidden={args.hidden}", f"model.n_hidden={args.n_hidden}",
-            *([f"optim.lr={args.lr}"] if args.lr else [])]
+            *([f"optim.lr={args.lr}"] if args.lr else []),
+            *(["dataset.logit_transform=true", f"dataset.logit_lambda={args.logit}"]
+              if args.logit else [])]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for key in filter(None, args.objectives.split(",")):
@@ -185,7 +192,9 @@ def write_report(path: Path, rows, base: dict, args) -> None:
                 f"--hidden {args.hidden} --n-hidden {args.n_hidden} "
                 f"--batch-size {args.batch_size} {f'--lr {args.lr:g} ' if args.lr else ''}"
                 f"{exact_sm}--objectives {args.objectives} "
-                f"--dsm-sigma {args.dsm_sigma:g}{' --flows' if args.flows else ''}`")
+                f"--dsm-sigma {args.dsm_sigma:g}"
+                f"{f' --logit {args.logit:g}' if args.logit else ''}"
+                f"{' --flows' if args.flows else ''}`")
     path.write_text(REPORT.format(table=table, settings=settings))
 
 
