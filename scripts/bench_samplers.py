@@ -50,8 +50,17 @@ SETTINGS = (
     [("annealed_langevin", None)]
     + [(f"heun N={n}", {"name": "heun", "num_steps": n}) for n in (3, 4, 6, 10, 18, 30)]
     + [("heun N=18 S_churn=10", {"name": "heun", "num_steps": 18, "S_churn": 10.0})]
+    # EDM's stochastic settings at <= 42 NFE: gamma_i = min(S_churn / N, sqrt(2) - 1), so
+    # S_churn >= 7.5 at N = 18 is the largest churn; S_tmin, S_tmax, S_noise: EDM's Table 5 (VE)
+    + [("heun N=18 S_churn=5", {"name": "heun", "num_steps": 18, "S_churn": 5.0})]
+    + [("heun N=21 S_churn=10", {"name": "heun", "num_steps": 21, "S_churn": 10.0})]
+    + [("heun N=18 S_churn=10 S_noise=1.007",
+        {"name": "heun", "num_steps": 18, "S_churn": 10.0, "S_noise": 1.007})]
+    + [("heun N=18 S_churn=80 S_tmin=0.05 S_tmax=1 S_noise=1.007",
+        {"name": "heun", "num_steps": 18, "S_churn": 80.0, "S_tmin": 0.05, "S_tmax": 1.0,
+         "S_noise": 1.007})]
     + [("heun table", {"name": "heun", "num_steps": None})]        # the trained levels only
-    + [(f"pc N={n}", {"name": "pc", "num_steps": n}) for n in (5, 10, 20, 50, 100)]
+    + [(f"pc N={n}", {"name": "pc", "num_steps": n}) for n in (5, 10, 20, 21, 50, 100)]
     + [("pc table", {"name": "pc", "num_steps": None})]
     + [(f"ode rtol={tol:g}", {"name": "ode", "rtol": tol, "atol": tol})
        for tol in (1e-1, 1e-2, 1e-3, 1e-5)]
@@ -382,7 +391,7 @@ def plot_results(results: dict, path: Path) -> None:
         churn = [r for r in rows if "S_churn" in r["sampler"]]
         if churn:
             ax.plot([r["nfe"] for r in churn], [value(r) for r in churn], "s",
-                    label="heun S_churn=10")
+                    label="heun with churn (S_churn > 0)")
         langevin = rows[0]
         ax.plot([langevin["nfe"]], [value(langevin)], "k*", markersize=12,
                 label="annealed Langevin")
