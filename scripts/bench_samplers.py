@@ -218,11 +218,16 @@ def family(label: str) -> str:
     return label.split()[0]
 
 
-def swiss_verdict(result: dict) -> str:
-    rows = result["rows"]
-    langevin = rows[0]
+def within_budget(result: dict) -> tuple[dict, float, list[dict]]:
+    """Annealed Langevin's row (the first), the budget of one tenth of its NFE, and the
+    other rows within that budget."""
+    langevin = result["rows"][0]
     budget = langevin["nfe"] / 10
-    cheap = [r for r in rows[1:] if r["nfe"] <= budget]
+    return langevin, budget, [r for r in result["rows"][1:] if r["nfe"] <= budget]
+
+
+def swiss_verdict(result: dict) -> str:
+    langevin, budget, cheap = within_budget(result)
     if not cheap:
         return f"no sampler setting ran at <= {budget:g} NFE"
     best = min(cheap, key=lambda r: r["swd"][0])
@@ -240,10 +245,7 @@ def swiss_verdict(result: dict) -> str:
 
 
 def digits_verdict(result: dict) -> str:
-    rows = result["rows"]
-    langevin = rows[0]
-    budget = langevin["nfe"] / 10
-    cheap = [r for r in rows[1:] if r["nfe"] <= budget]
+    langevin, budget, cheap = within_budget(result)
     if not cheap:
         return f"no sampler setting ran at <= {budget:g} NFE"
     best = min(cheap, key=lambda r: r["fid"])
