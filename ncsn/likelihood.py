@@ -177,9 +177,11 @@ def bits_per_dim(log_p: Tensor, z: Tensor, space: ModelSpace = ModelSpace(),
 
     With the rescaled map this is -log p_Z / (d log 2) - 1 + log2 K (score SDE's "7" for
     8-bit images in [-1, 1]; 8 for [0, 1]). ``levels=None``: continuous data, no offset.
-    ``log_p`` (B,) nats, ``z`` (B, ...) the dequantized points in model space. Returns (B,).
+    ``log_p`` (B,) nats, ``z`` (B, ...) the dequantized points in model space. Returns (B,)
+    float64 on ``log_p``'s device, differentiable in ``log_p`` (flows train on it).
     """
     d = z[0].numel()
     log_cell = d * math.log(levels) if levels is not None else 0.0
-    log_p_data = log_p.double().cpu() + model_space_log_det(z.cpu(), space) - log_cell
-    return -log_p_data / (d * math.log(2))
+    log_p = log_p.double()
+    log_det = model_space_log_det(z.detach(), space).to(log_p)
+    return -(log_p + log_det - log_cell) / (d * math.log(2))

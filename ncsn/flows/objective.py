@@ -13,14 +13,13 @@ the number the NICE, RealNVP and Glow papers report.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
 from ncsn.data.images import IMAGE_DATASETS, ModelSpace
 from ncsn.flows.models import ExactSample, LogDensity
-from ncsn.likelihood import model_space_log_det
+from ncsn.likelihood import bits_per_dim
 
 FLOW_MODELS = ("nice", "realnvp", "glow")
 
@@ -38,11 +37,7 @@ def negative_log_likelihood(log_p: Tensor, z: Tensor, space: ModelSpace = ModelS
     """Per sample (B,): bits/dim of K = ``levels``-level data from the model-space
     log-density ``log_p`` (B,) at the dequantized points ``z`` (B, ...) (module docstring);
     ``levels=None``: continuous data, -log p in nats. Differentiable in ``log_p``."""
-    if levels is None:
-        return -log_p
-    d = z[0].numel()
-    log_det = model_space_log_det(z.detach(), space).to(log_p)
-    return -(log_p + log_det - d * math.log(levels)) / (d * math.log(2))
+    return -log_p if levels is None else bits_per_dim(log_p, z, space, levels).to(log_p.dtype)
 
 
 def nll_objective(space: ModelSpace, levels: int | None):
