@@ -137,6 +137,14 @@ def image_config(cfg) -> ImageDataConfig:
 
 
 # ----------------------------------------------------------------------------- transforms
+def pixel_levels(dataset_name: str) -> int | None:
+    """Values a pixel takes: 17 for the 8x8 digits (k/16), 256 for 8-bit images; None for
+    continuous points."""
+    if dataset_name not in IMAGE_DATASETS:
+        return None
+    return 17 if dataset_name == "digits" else 256
+
+
 def logit_transform(x: Tensor, lam: float = 1e-6) -> Tensor:
     """[0, 1] -> R: logit(lam + (1 - 2 lam) x), finite at 0 and 1 (RealNVP, Dinh et al. 2017,
     Sec. 4.1). Any shape."""
@@ -480,7 +488,7 @@ def raw_images(cfg: ImageDataConfig, train: Dataset):
     if NATIVE_SIZES.get(cfg.name) != cfg.image_size:
         return None
     pixels = _uint8_pixels(cfg.name, train)
-    return RawImages(pixels, levels=17 if cfg.name == "digits" else 256,
+    return RawImages(pixels, levels=pixel_levels(cfg.name),
                      random_flip=cfg.random_flip,
                      uniform_dequantization=cfg.uniform_dequantization,
                      gaussian_dequantization=cfg.gaussian_dequantization,

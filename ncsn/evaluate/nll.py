@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from ncsn import registry
 from ncsn.data import first_tensor
-from ncsn.data.images import IMAGE_DATASETS, ModelSpace, image_config, model_space
+from ncsn.data.images import (IMAGE_DATASETS, ModelSpace, image_config, model_space,
+                              pixel_levels)
 from ncsn.likelihood import LogLikelihood, bits_per_dim, log_likelihood
 
 
@@ -41,8 +42,7 @@ def held_out_split(dataset_cfg) -> HeldOut:
         image_cfg = replace(image_config(cfg), uniform_dequantization=True,
                             gaussian_dequantization=False, load_test=True, num_workers=0)
         data = registry.build_data(image_cfg)
-        levels = 17 if image_cfg.name == "digits" else 256
-        return HeldOut(data.test, model_space(image_cfg), levels)
+        return HeldOut(data.test, model_space(image_cfg), pixel_levels(image_cfg.name))
     return HeldOut(registry.build_data(OmegaConf.create(cfg)).test, ModelSpace(), None)
 
 

@@ -17,19 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ncsn.data.images import IMAGE_DATASETS, ModelSpace
+from ncsn.data.images import ModelSpace, pixel_levels  # noqa: F401 (re-exported)
 from ncsn.flows.models import ExactSample, LogDensity
 from ncsn.likelihood import bits_per_dim
 
 FLOW_MODELS = ("nice", "realnvp", "glow")
-
-
-def pixel_levels(dataset_name: str) -> int | None:
-    """Values a pixel takes: 17 for the 8x8 digits (k/16), 256 for 8-bit images; None for
-    continuous points."""
-    if dataset_name not in IMAGE_DATASETS:
-        return None
-    return 17 if dataset_name == "digits" else 256
 
 
 def negative_log_likelihood(log_p: Tensor, z: Tensor, space: ModelSpace = ModelSpace(),
