@@ -5,7 +5,8 @@ Keys: ``format`` ("ncsn"), ``version``, ``step``, ``config`` (the resolved confi
 dict), ``sigmas``, ``data_shape``, ``model``, ``ema`` (state dicts under the network's own keys;
 ``ema`` is None without EMA), ``optimizer``, ``rng``. Version 1 kept ``ema`` as torch's
 AveragedModel state (``module.``-prefixed keys and a counter); version 2 files and later
-keep the plain state dict. Both load.
+keep the plain state dict. Both load. ``best.pt`` (trainer.keep_best) adds
+``best_held_out_loss``.
 Writes are atomic: a temporary file in the same folder, then a rename, so an interrupted
 write never leaves a half-written ``last.pt``.
 """
@@ -64,6 +65,23 @@ def save_checkpoint(state: dict, ckpt_dir: str | os.PathLike, keep_last: int = 3
     for old in step_files[:-keep_last] if keep_last > 0 else step_files[:-1]:
         old.unlink()
     return path
+
+
+def save_best(state: dict, ckpt_dir: str | os.PathLike, held_out_loss: float) -> Path:
+    """Write ``best.pt``: the run at its lowest held-out loss so far, which the file keeps
+    as ``best_held_out_loss`` (trainer.keep_best)."""
+    path = Path(ckpt_dir) / "best.pt"
+    atomic_save({"format": FORMAT, "version": VERSION, **state,
+                 "best_held_out_loss": float(held_out_loss)}, path)
+    return path
+
+
+def best_held_out_loss(ckpt_dir: str | os.PathLike) -> float | None:
+    """The held-out loss ``best.pt`` in ``ckpt_dir`` was kept for; None without one."""
+    path = Path(ckpt_dir) / "best.pt"
+    if not path.is_file():
+        return None
+    return float(load_checkpoint(path)["best_held_out_loss"])
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

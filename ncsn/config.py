@@ -101,7 +101,7 @@ class RealNVPConfig:
     n_couplings: int = 4             # points: affine couplings with alternating masks
     hidden: int = 64                 # channels (images) or units (points) of the coupling nets
     n_hidden: int = 2                # points: hidden layers of each coupling MLP
-    norm: str = "actnorm"            # actnorm after every coupling | none
+    norm: str = "actnorm"            # after every coupling: actnorm | batch (the paper's) | none
     prior: str = "gaussian"
 
 
@@ -262,6 +262,8 @@ class TrainerConfig:
     ema_rate: float = 0.999
     ckpt_every: int = 1000
     keep_last: int = 3                   # step checkpoints kept besides last.pt
+    keep_best: bool = False              # also keep checkpoints/best.pt, the weights with the
+                                         # lowest held-out loss (scored every sample_every)
     resume: Any = "auto"                 # auto (resume from the run dir's last.pt if there is
                                          # one, else start fresh) | true | false
     log_every: int = 50

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import os
 import signal
 import sys
 import time
@@ -26,7 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from ncsn import distributed, losses, registry, viz
-from ncsn.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ncsn.checkpoint import (CheckpointError, best_held_out_loss, load_checkpoint,
+                             save_best, save_checkpoint)
 from ncsn.data import Data, first_tensor, training_batches
 from ncsn.image_io import enlarge
 
@@ -164,6 +164,7 @@ class Run:
     writer: SummaryWriter | None = field(default=None, repr=False)
     speed: Speed = field(default_factory=Speed)
     monitor: StepMonitor | None = field(default=None, repr=False)
+    best_loss: float | None = None       # the lowest held-out loss so far (trainer.keep_best)
 
     @property
     def module(self) -> nn.Module:
@@ -543,19 +544,24 @@ class TrainLogger:
 # ----------------------------------------------------------------------------- evaluation
 def test_loss(run: Run, max_batches: int = 10) -> float | None:
     """Mean objective on the held-out split with the sampling (EMA) weights (the objective's
-    ``held_out`` one when it has one: a flow's negative log-likelihood)."""
+    ``held_out`` one when it has one: a flow's negative log-likelihood), in evaluation mode
+    (a batch-normalised flow scores with its running averages, not the test batch's)."""
     if run.data.test is None or len(run.data.test) == 0:
         return None
     loader = torch.utils.data.DataLoader(run.data.test, batch_size=run.cfg.trainer.batch_size)
     total, count = 0.0, 0
-    for i, batch in enumerate(loader):
-        if i >= max_batches:
-            break
-        x = first_tensor(batch).to(run.device)
-        # Sliced and exact score matching differentiate with respect to x: keep grad on.
-        with torch.enable_grad():
-            per_sample, _ = getattr(run.objective, "held_out", run.objective)(run.sampling_net, x)
-        total, count = total + per_sample.detach().sum().item(), count + len(x)
+    net = run.sampling_net.eval()
+    try:
+        for i, batch in enumerate(loader):
+            if i >= max_batches:
+                break
+            x = first_tensor(batch).to(run.device)
+            # Sliced and exact score matching differentiate with respect to x: keep grad on.
+            with torch.enable_grad():
+                per_sample, _ = getattr(run.objective, "held_out", run.objective)(net, x)
+            total, count = total + per_sample.detach().sum().item(), count + len(x)
+    finally:
+        net.train()
     return total / count
 
 
@@ -638,13 +644,17 @@ def _isolated_rng(device: torch.device):
 
 
 def report(run: Run) -> None:
-    """Test loss and pictures (2-D: score field, samples over data, trajectories; images: a
-    grid of samples), saved under ``pictures/`` and to TensorBoard."""
+    """Held-out loss (``best.pt`` kept when it is the lowest, with trainer.keep_best) and
+    pictures (2-D: score field, samples over data, trajectories; images: a grid of
+    samples), saved under ``pictures/`` and to TensorBoard."""
     with _isolated_rng(run.device):
         loss = test_loss(run)
-        if loss is not None:
-            run.writer.add_scalar("test/loss", loss, run.step)
-            log.info("step %d: test loss %.5g", run.step, loss)
+    if loss is not None:
+        split = held_out_name(run.cfg.dataset)
+        run.writer.add_scalar(f"{split}/loss", loss, run.step)
+        log.info("step %d: %s loss %.5g", run.step, split, loss)
+        keep_if_best(run, loss)
+    with _isolated_rng(run.device):
         n = run.cfg.trainer.n_plot_samples
         if n <= 0:
             return
@@ -660,6 +670,25 @@ def report(run: Run) -> None:
             grid = enlarge(samples[:64])
             viz.save_grid(grid, run.run_dir / "pictures" / f"samples_{run.step:08d}.png", nrow=8)
             run.writer.add_image("samples", viz.image_grid(grid, nrow=8), run.step)
+
+
+def held_out_name(dataset_cfg) -> str:
+    """What the held-out loss is scored on: "validation" when the dataset holds out a
+    validation split (``dataset.validation_fraction``), else "test"."""
+    return "validation" if dataset_cfg.get("validation_fraction", 0.0) > 0 else "test"
+
+
+def keep_if_best(run: Run, loss: float) -> None:
+    """trainer.keep_best: write checkpoints/best.pt when ``loss`` is the lowest held-out loss
+    of the run so far (model selection on held-out data, as the sliced score matching code
+    keeps its NICE)."""
+    if not run.cfg.trainer.keep_best or not math.isfinite(loss):
+        return
+    if run.best_loss is None or loss < run.best_loss:
+        run.best_loss = loss
+        path = save_best(state_dict(run), run.run_dir / "checkpoints", loss)
+        log.info("step %d: best %s loss so far, kept in %s", run.step,
+                 held_out_name(run.cfg.dataset), path)
 
 
 def _report_points(run: Run, samples: Tensor, trajectory: Tensor) -> None:
@@ -745,6 +774,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     if ckpt is not None:
         load_state(run, ckpt)
         log.info("resumed %s at step %d", last, run.step)
+        if cfg.trainer.keep_best and main:
+            run.best_loss = best_held_out_loss(run_dir / "checkpoints")
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if restarts:
         log.info("this SLURM job was requeued %d time(s)", restarts)

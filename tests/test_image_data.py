@@ -338,6 +338,24 @@ def test_digits_need_no_files_and_split_by_seed():
     assert y.min() >= -1.0 and y.max() < 1.0
 
 
+def test_a_digits_validation_split_is_held_out_from_training_and_leaves_the_test_split():
+    def rows(dataset):
+        return {tuple(x.flatten().tolist()) + (y,) for x, y in dataset}
+    plain = build_image_data({"name": "digits"})
+    with_validation = build_image_data({"name": "digits", "validation_fraction": 0.1})
+    validation, train = rows(with_validation.test), rows(with_validation.train)
+    assert len(with_validation.test) == round(0.1 * 1797)
+    assert len(with_validation.train) == 1797 - round(0.2 * 1797) - round(0.1 * 1797)
+    assert not validation & train and not validation & rows(plain.test)
+    assert train | validation == rows(plain.train)      # carved out of the training split
+    # metric=nll scores the test split of such a run all the same.
+    from ncsn.evaluate.nll import held_out_split
+    split = held_out_split({"name": "digits", "validation_fraction": 0.1})
+    assert len(split.dataset) == len(plain.test)
+    with pytest.raises(ValueError, match="validation_fraction must lie in"):
+        build_image_data({"name": "digits", "validation_fraction": 0.8})
+
+
 def test_batches_for_the_training_loop(tmp_path, skip_md5):
     write_cifar10(tmp_path)
     data = build_image_data(config("cifar10", tmp_path, random_flip=True, rescaled=True))

@@ -207,3 +207,26 @@ def test_image_runs_resume_mid_epoch_and_at_its_end_to_the_same_weights(tmp_path
         assert resumed[2] == straight[2] == 6
         for key, value in straight[0].items():
             assert torch.equal(value, resumed[0][key]), (stop, key)
+
+
+def test_keep_best_keeps_the_weights_of_the_lowest_held_out_loss_across_a_resume(
+        tmp_path, monkeypatch):
+    scored = []                    # (step, held-out loss) as the trainer computed them
+    original = training.test_loss
+
+    def recording(run, **kwargs):
+        loss = original(run, **kwargs)
+        scored.append((run.step, loss))
+        return loss
+    monkeypatch.setattr(training, "test_loss", recording)
+    best = ["trainer.keep_best=true", "trainer.sample_every=5", "optim.lr=3e-2"]
+    training.train(compose_train(TINY + best), tmp_path)
+    training.train(compose_train(TINY + best + ["trainer.n_steps=70"]), tmp_path)
+    assert [step for step, _ in scored] == list(range(5, 75, 5))
+    step, loss = min(scored, key=lambda s: s[1])
+    kept = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert kept["step"] == step and kept["best_held_out_loss"] == pytest.approx(loss)
+    # The kept weights score that loss again.
+    run = training.build_run(compose_train(TINY + best), tmp_path / "again")
+    training.load_state(run, kept)
+    assert original(run) == pytest.approx(loss, rel=1e-6)

@@ -106,6 +106,10 @@ class DigitsConfig(ImageDataConfig):
     random_flip: bool = False
     num_workers: int = 0                 # in memory: worker processes only cost start-up time
     test_fraction: float = 0.2           # held out by a seeded random permutation
+    validation_fraction: float = 0.0     # > 0: also hold out this fraction (of all 1,797) as a
+                                         # validation split, which the trainer then scores
+                                         # (test loss, trainer.keep_best) instead of the test
+                                         # split; the test split is the same either way
     split_seed: int = 0
 
 
@@ -396,14 +400,20 @@ def _lsun(cfg: LSUNConfig, root: Path):
     return _splits(cfg, load), 3
 
 
-def _split_indices(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded random permutation of range(n) cut into (train, test) indices; the test part
-    holds round(n * test_fraction) of them."""
+def _split_indices(n: int, test_fraction: float, seed: int,
+                   validation_fraction: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """A seeded random permutation of range(n) cut into (train, test, validation) indices:
+    the test part holds its first round(n * test_fraction), the validation part the next
+    round(n * validation_fraction), so the test split does not move with the validation one."""
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"dataset.test_fraction must lie in [0, 1), got {test_fraction}")
+    if not 0.0 <= validation_fraction < 1.0 - test_fraction:
+        raise ValueError(f"dataset.validation_fraction must lie in [0, 1 - test_fraction) = "
+                         f"[0, {1.0 - test_fraction:g}), got {validation_fraction}")
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_test = round(n * test_fraction)
-    return permutation[n_test:], permutation[:n_test]
+    n_test, n_validation = round(n * test_fraction), round(n * validation_fraction)
+    return (permutation[n_test + n_validation:], permutation[:n_test],
+            permutation[n_test:n_test + n_validation])
 
 
 def _image_folder(cfg: ImageFolderConfig, root: Path):
@@ -423,7 +433,7 @@ def _image_folder(cfg: ImageFolderConfig, root: Path):
         test = folder(cfg.test_path, False) if cfg.load_test else None
         return (folder(cfg.path, True), test), cfg.channels
     train = folder(cfg.path, True)
-    train_idx, test_idx = _split_indices(len(train), cfg.test_fraction, cfg.split_seed)
+    train_idx, test_idx, _ = _split_indices(len(train), cfg.test_fraction, cfg.split_seed)
     test = None
     if cfg.load_test and len(test_idx) > 0:
         test = Subset(folder(cfg.path, False), test_idx.tolist())
@@ -457,9 +467,12 @@ def _digits(cfg: DigitsConfig, root: Path):
         transform = transforms.Compose(resize + _tensor_steps(cfg, train, levels=17))
         return TensorImageDataset(images[indices], labels[indices], transform)
 
-    train_idx, test_idx = _split_indices(len(images), cfg.test_fraction, cfg.split_seed)
-    test = split(test_idx, False) if cfg.load_test and len(test_idx) > 0 else None
-    return (split(train_idx, True), test), 1
+    train_idx, test_idx, validation_idx = _split_indices(
+        len(images), cfg.test_fraction, cfg.split_seed, cfg.validation_fraction)
+    # With a validation split, it is the held-out split (model selection never sees the test).
+    held_out_idx = validation_idx if cfg.validation_fraction > 0 else test_idx
+    held_out = split(held_out_idx, False) if cfg.load_test and len(held_out_idx) > 0 else None
+    return (split(train_idx, True), held_out), 1
 
 
 # ----------------------------------------------------------------------------- on the device

@@ -35,12 +35,16 @@ class HeldOut:
 
 def held_out_split(dataset_cfg) -> HeldOut:
     """The test split of a dataset config: images uniformly dequantized (17 levels for the
-    8x8 digits, whose pixels are k/16; 256 for 8-bit images), 2-D points as they are."""
+    8x8 digits, whose pixels are k/16; 256 for 8-bit images), 2-D points as they are. A
+    run trained with a validation split (``dataset.validation_fraction``) is scored on the
+    test split all the same."""
     cfg = OmegaConf.to_container(dataset_cfg, resolve=True) \
         if OmegaConf.is_config(dataset_cfg) else dict(dataset_cfg)
     if cfg["name"] in IMAGE_DATASETS:
         image_cfg = replace(image_config(cfg), uniform_dequantization=True,
                             gaussian_dequantization=False, load_test=True, num_workers=0)
+        if getattr(image_cfg, "validation_fraction", 0.0) > 0:
+            image_cfg = replace(image_cfg, validation_fraction=0.0)
         data = registry.build_data(image_cfg)
         return HeldOut(data.test, model_space(image_cfg), pixel_levels(image_cfg.name))
     return HeldOut(registry.build_data(OmegaConf.create(cfg)).test, ModelSpace(), None)
