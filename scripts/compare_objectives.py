@@ -1,25 +1,33 @@
 """Benchmark: one flow, several training objectives, judged by the exact test likelihood.
 
-NICE on scikit-learn's 8x8 digits (experiment=nice_digits) is trained by maximum likelihood
-and by score matching on its own score (exact SM, SSM, SSM-VR, DSM at a small sigma), as the
-sliced score matching paper (Song et al. 2019, Sec. 5) did with NICE on MNIST; every run uses
-ncsn-train's trainer. Each is judged by its exact test bits/dim (the test split uniformly
-dequantized once, seed 0), beside a factorised Gaussian and a per-pixel histogram fitted to
-the training split; RealNVP and Glow by maximum likelihood with --flows.
+NICE on scikit-learn's 8x8 digits (experiment=nice_digits: the paper's MNIST size, 4
+couplings of 5 x 1000 units, in logit space) is trained by maximum likelihood and by score
+matching on its own score (exact SM, SSM, SSM-VR, DSM), as the sliced score matching paper
+(Song et al. 2019, Sec. 5.1) did with NICE on MNIST, and with its code's protocol
+(runners/nice_runner.py, configs/nice/*.yml): Adam at lr 1e-4 (DSM 1e-3), batch 128 (exact
+SM 24), a validation split held out of the training data and the weights with the best
+validation likelihood kept (trainer.keep_best), every run through ncsn-train's trainer.
+Each is judged by its exact test bits/dim (the test split uniformly dequantized once, seed 0)
+at its best validation step and at its last step, beside a factorised Gaussian and a
+per-pixel histogram fitted to the training split; RealNVP and Glow by maximum likelihood
+with --flows.
 
-    python scripts/compare_objectives.py [--steps 2000] [--hidden 1000] [--n-hidden 5] [--lr 1e-3]
-        [--exact-sm-steps N] [--objectives nll,exact_sm,ssm,ssm_vr,dsm] [--dsm-sigma 0.05]
-        [--logit LAMBDA] [--flows]
-        [--out docs] [--json results.json]
+    python scripts/compare_objectives.py [--steps 2000] [--objectives nll,ssm,ssm_vr,dsm,exact_sm]
+        [--lr OBJ=LR,...] [--exact-sm-steps N] [--exact-sm-batch 24] [--dsm-sigma 0.1]
+        [--hidden 1000] [--n-hidden 5] [--logit 1e-3 | --no-logit] [--flows]
+        [--set KEY=VALUE ...] [--json results.json]
+    python scripts/compare_objectives.py --report a.json b.json [--out docs]
 
-Writes OUT/OBJECTIVES.md (the table and the run's settings) and OUT/objectives_samples.png
-(64 exact samples per objective).
+A run writes its results as JSON (``--json``; samples beside it as .pt); ``--report`` merges
+such files (runs split over several processes) into the table between the markers in
+OUT/OBJECTIVES.md, leaving the text around it, and draws OUT/objectives_samples.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,22 +56,25 @@ OBJECTIVES = {
     "ssm_vr": ("SSM with variance reduction", ["loss=ssm_vr"]),
     "dsm": ("denoising score matching", ["loss=dsm"]),
 }
+# The sliced score matching code's learning rates (configs/nice/nice_*.yml).
+AUTHORS_LR = {"nll": 1e-4, "exact_sm": 1e-4, "ssm": 1e-4, "ssm_vr": 1e-4, "dsm": 1e-3}
+TABLE_START, TABLE_END = "<!-- compare_objectives: table -->", "<!-- /compare_objectives -->"
 
 
 def compose_cfg(experiment: str, overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir(), version_base="1.3"):
         return compose("train", overrides=[f"experiment={experiment}", "trainer.progress=false",
-                                           "trainer.sample_every=0", *overrides])
+                                           *overrides])
 
 
 @torch.no_grad()
-def test_bits_per_dim(ckpt_path: Path) -> tuple[float, torch.Tensor]:
-    """Exact test bits/dim of a flow checkpoint (one dequantization draw, seed 0), and 64
-    exact samples in data space."""
+def test_bits_per_dim(ckpt_path: Path) -> tuple[float, int, torch.Tensor]:
+    """Exact test bits/dim of a flow checkpoint (one dequantization draw, seed 0), its step,
+    and 64 exact samples in data space."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     flow = model_from_checkpoint(ckpt)
-    split = held_out_split(ckpt["config"]["dataset"])
+    split = held_out_split(ckpt["config"]["dataset"])          # the test split, always
     torch.manual_seed(0)
     total, n = 0.0, 0
     for batch in DataLoader(split.dataset, batch_size=256):
@@ -73,13 +84,13 @@ def test_bits_per_dim(ckpt_path: Path) -> tuple[float, torch.Tensor]:
         n += len(x)
     samples = flow.sample(64, generator=torch.Generator().manual_seed(0))
     to_data = data_space_map(OmegaConf.create(ckpt["config"]["dataset"]))
-    return total / n, to_data(samples)
+    return total / n, ckpt["step"], to_data(samples)
 
 
 def baselines() -> dict[str, float]:
     """Test bits/dim of a factorised Gaussian on the dequantized pixels and of a per-pixel
     histogram of the 17 levels (add-one smoothing), both fitted to the training split."""
-    cfg = compose_cfg("nice_digits", [])
+    cfg = compose_cfg("nice_digits", ["dataset.logit_transform=false"])
     data = build_data(cfg.dataset)
     torch.manual_seed(0)
     train_x = torch.stack([first_tensor(data.train[i]) for i in range(len(data.train))]).double()
@@ -102,23 +113,95 @@ def _gather(probs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return expanded.gather(1, k.clamp(0, probs.shape[0] - 1).unsqueeze(1)).squeeze(1)
 
 
-def run(name: str, experiment: str, overrides: list[str], workdir: Path) -> dict:
+def run(key: str, label: str, experiment: str, overrides: list[str], workdir: Path) -> dict:
+    """Train one setting; score its best-on-validation and last checkpoints on the test split."""
     cfg = compose_cfg(experiment, overrides)
     start = time.perf_counter()
-    ckpt = train(cfg, workdir / name)
+    last = train(cfg, workdir / key)
     seconds = time.perf_counter() - start
-    bpd, samples = test_bits_per_dim(ckpt)
-    print(f"{name}: {bpd:.3f} bits/dim, {seconds:.0f} s", flush=True)
-    return {"name": name, "bpd": bpd, "seconds": seconds, "steps": cfg.trainer.n_steps,
-            "samples": samples}
+    best = last.parent / "best.pt"
+    bpd_last, steps, _ = test_bits_per_dim(last)
+    bpd_best, best_step, samples = test_bits_per_dim(best if best.is_file() else last)
+    print(f"{key}: {bpd_best:.3f} bits/dim at its best validation step {best_step}, "
+          f"{bpd_last:.3f} at step {steps}, {seconds:.0f} s", flush=True)
+    return {"key": key, "label": label, "bpd_best": bpd_best, "best_step": best_step,
+            "bpd_last": bpd_last, "steps": steps, "seconds": seconds,
+            "batch_size": cfg.trainer.batch_size, "lr": cfg.optim.lr, "samples": samples}
+
+
+def learning_rates(spec: str | None) -> dict[str, float]:
+    rates = dict(AUTHORS_LR)
+    for item in filter(None, (spec or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in OBJECTIVES or not value:
+            raise SystemExit(f"--lr takes OBJ=LR pairs with OBJ in {sorted(OBJECTIVES)}, "
+                             f"got {item!r}")
+        rates[key] = float(value)
+    return rates
+
+
+def nice_runs(args, workdir: Path) -> list[dict]:
+    rates = learning_rates(args.lr)
+    selection = [f"dataset.validation_fraction={args.validation_fraction}",
+                 "trainer.keep_best=true", f"trainer.sample_every={args.validate_every}",
+                 "trainer.n_plot_samples=0"]
+    nice = [f"model.hidden={args.hidden}", f"model.n_hidden={args.n_hidden}",
+            "optim.betas=[0.9,0.999]", "optim.eps=1e-8",          # Adam's defaults, as theirs
+            *(["dataset.logit_transform=false"] if args.no_logit else
+              ["dataset.logit_transform=true", f"dataset.logit_lambda={args.logit}"])]
+    results = []
+    for key in filter(None, args.objectives.split(",")):
+        label, overrides = OBJECTIVES[key]
+        steps, batch = args.steps, args.batch_size
+        if key == "dsm":
+            overrides = [*overrides, f"loss.sigma={args.dsm_sigma}"]
+            label = f"{label} (sigma {args.dsm_sigma:g})"
+        if key == "exact_sm":
+            steps, batch = args.exact_sm_steps or steps, args.exact_sm_batch
+        budget = [f"trainer.n_steps={steps}", f"trainer.ckpt_every={steps}",
+                  f"trainer.batch_size={batch}", f"optim.lr={rates[key]}"]
+        results.append(run(key, f"NICE, {label}", "nice_digits",
+                           [*budget, *selection, *nice, *overrides, *args.set], workdir))
+    return results
+
+
+def flow_runs(args, workdir: Path) -> list[dict]:
+    results = []
+    for flow, name in (("realnvp", "RealNVP"), ("glow", "Glow")):
+        overrides = [f"trainer.n_steps={args.flow_steps}", f"trainer.ckpt_every={args.flow_steps}",
+                     "trainer.n_plot_samples=0", f"dataset.validation_fraction="
+                     f"{args.validation_fraction}", "trainer.keep_best=true",
+                     f"trainer.sample_every={args.validate_every}"]
+        results.append(run(flow, f"{name} (experiment={flow}_digits), maximum likelihood",
+                           f"{flow}_digits", [*overrides, *args.set], workdir))
+    return results
+
+
+def save_results(results: list[dict], args, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({r["key"]: r["samples"] for r in results}, path.with_suffix(".pt"))
+    path.write_text(json.dumps({"runs": [{k: v for k, v in r.items() if k != "samples"}
+                                         for r in results],
+                                "args": vars(args), "threads": torch.get_num_threads(),
+                                "load": os.getloadavg()[0]}, indent=2))
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    results = []
+    for path in map(Path, paths):
+        runs = json.loads(path.read_text())["runs"]
+        samples = torch.load(path.with_suffix(".pt"), weights_only=True)
+        results += [{**r, "samples": samples[r["key"]]} for r in runs]
+    return results
 
 
 def picture(results: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(2.6 * len(results), 2.9))
+    fig, axes = plt.subplots(1, len(results), figsize=(2.6 * len(results), 3.1))
     for ax, r in zip(axes if len(results) > 1 else [axes], results):
         grid = r["samples"][:64, 0].reshape(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
         ax.imshow(grid.clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
-        ax.set_title(f"{r['label']}\n{r['bpd']:.2f} bits/dim", fontsize=8)
+        title = r["label"].split(" (")[0].replace("NICE, ", "NICE,\n")
+        ax.set_title(f"{title}\n{r['bpd_best']:.2f} bits/dim", fontsize=8)
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,86 +209,67 @@ def picture(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def table(results: list[dict], base: dict) -> str:
+    lines = ["| model, objective | lr | batch | test bits/dim, best on validation (step) "
+             "| test bits/dim, last step | steps | s / step | total s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['lr']:g} | {r['batch_size']} | {r['bpd_best']:.3f} "
+              f"({r['best_step']}) | {r['bpd_last']:.3f} | {r['steps']} | "
+              f"{r['seconds'] / r['steps']:.3f} | {r['seconds']:.0f} |" for r in results]
+    lines += [f"| {name}, fitted to the training split | | | {bpd:.3f} | | | | |"
+              for name, bpd in base.items()]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, results: list[dict]) -> None:
+    """Put the table between the markers of ``path`` (a new file holds only the table)."""
+    block = f"{TABLE_START}\n{table(results, baselines())}\n{TABLE_END}"
+    text = path.read_text() if path.is_file() else f"# Training objectives compared\n\n{block}\n"
+    if TABLE_START in text and TABLE_END in text:
+        head, rest = text.split(TABLE_START, 1)
+        text = head + block + rest.split(TABLE_END, 1)[1]
+    path.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--hidden", type=int, default=1000)
-    parser.add_argument("--n-hidden", type=int, default=5)
+    parser.add_argument("--objectives", default="nll,ssm,ssm_vr,dsm,exact_sm")
+    parser.add_argument("--lr", default=None, metavar="OBJ=LR,...",
+                        help="learning rates; default the sliced score matching code's: "
+                             "1e-4, DSM 1e-3")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=None, help="default: the experiment's")
-    parser.add_argument("--objectives", default=",".join(OBJECTIVES))
     parser.add_argument("--exact-sm-steps", type=int, default=None,
                         help="steps for exact SM (64 backward passes each); default --steps")
-    parser.add_argument("--dsm-sigma", type=float, default=0.05)
-    parser.add_argument("--logit", type=float, default=None, metavar="LAMBDA",
-                        help="train NICE in logit space, logit(LAMBDA + (1 - 2 LAMBDA) x), as "
-                             "the sliced score matching code did (its clamp: 1e-3); default: "
-                             "pixels in [0, 1]")
+    parser.add_argument("--exact-sm-batch", type=int, default=24, help="as nice_exact.yml")
+    parser.add_argument("--dsm-sigma", type=float, default=0.1)
+    parser.add_argument("--hidden", type=int, default=1000)
+    parser.add_argument("--n-hidden", type=int, default=5)
+    parser.add_argument("--logit", type=float, default=1e-3, metavar="LAMBDA",
+                        help="logit(LAMBDA + (1 - 2 LAMBDA) x); the code's clamp is 1e-3")
+    parser.add_argument("--no-logit", action="store_true", help="pixels in [0, 1]")
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--validate-every", type=int, default=100)
     parser.add_argument("--flows", action="store_true", help="also RealNVP and Glow by ML")
+    parser.add_argument("--flow-steps", type=int, default=800)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more overrides for every run, e.g. trainer.num_threads=1")
+    parser.add_argument("--json", default="objectives.json")
+    parser.add_argument("--report", nargs="+", metavar="JSON", default=None,
+                        help="merge these results into OUT/OBJECTIVES.md instead of training")
     parser.add_argument("--out", default="docs")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    budget = lambda steps: [f"trainer.n_steps={steps}", f"trainer.ckpt_every={steps}"]
-    common = [*budget(args.steps), f"trainer.batch_size={args.batch_size}",
-              "trainer.n_plot_samples=0"]
-    nice = [f"model.hidden={args.hidden}", f"model.n_hidden={args.n_hidden}",
-            *([f"optim.lr={args.lr}"] if args.lr else []),
-            *(["dataset.logit_transform=true", f"dataset.logit_lambda={args.logit}"]
-              if args.logit else [])]
-    results = []
+    if args.report:
+        results = load_results(args.report)
+        out = Path(args.out)
+        write_report(out / "OBJECTIVES.md", results)
+        picture(results, out / "objectives_samples.png")
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        for key in filter(None, args.objectives.split(",")):
-            label, overrides = OBJECTIVES[key]
-            if key == "dsm":
-                overrides = [*overrides, f"loss.sigma={args.dsm_sigma}"]
-                label = f"{label} (sigma {args.dsm_sigma:g})"
-            if key == "exact_sm" and args.exact_sm_steps:
-                overrides = [*overrides, *budget(args.exact_sm_steps)]
-            r = run(key, "nice_digits", [*common, *nice, *overrides], Path(tmp))
-            results.append({**r, "label": f"NICE, {label}"})
+        results = nice_runs(args, Path(tmp))
         if args.flows:
-            for flow in ("realnvp", "glow"):
-                r = run(flow, f"{flow}_digits", common, Path(tmp))
-                results.append({**r, "label": f"{'RealNVP' if flow == 'realnvp' else 'Glow'}, "
-                                              f"maximum likelihood"})
-    base = baselines()
-    out = Path(args.out)
-    picture(results, out / "objectives_samples.png")
-    rows = [(r["label"], r["bpd"], r["steps"], r["seconds"] / r["steps"], r["seconds"])
-            for r in results]
-    write_report(out / "OBJECTIVES.md", rows, base, args)
-    if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"runs": [{k: v for k, v in r.items() if k != "samples"} for r in results],
-             "baselines": base, "args": vars(args)}, indent=2))
-
-
-def write_report(path: Path, rows, base: dict, args) -> None:
-    lines = ["| model, objective | test bits/dim | steps | s / step | total s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {label} | {bpd:.3f} | {steps} | {per:.3f} | {total:.0f} |"
-              for label, bpd, steps, per, total in rows]
-    lines += [f"| {name} (fitted, no steps) | {bpd:.3f} | | | |" for name, bpd in base.items()]
-    table = "\n".join(lines)
-    exact_sm = f"--exact-sm-steps {args.exact_sm_steps} " if args.exact_sm_steps else ""
-    settings = (f"`python scripts/compare_objectives.py --steps {args.steps} "
-                f"--hidden {args.hidden} --n-hidden {args.n_hidden} "
-                f"--batch-size {args.batch_size} {f'--lr {args.lr:g} ' if args.lr else ''}"
-                f"{exact_sm}--objectives {args.objectives} "
-                f"--dsm-sigma {args.dsm_sigma:g}"
-                f"{f' --logit {args.logit:g}' if args.logit else ''}"
-                f"{' --flows' if args.flows else ''}`")
-    path.write_text(REPORT.format(table=table, settings=settings))
-
-
-REPORT = """# Training objectives compared on one flow
-
-{settings}
-
-{table}
-
-Written by the command above (scripts/compare_objectives.py); pictures: objectives_samples.png.
-"""
+            results += flow_runs(args, Path(tmp))
+    save_results(results, args, Path(args.json))
 
 
 if __name__ == "__main__":
