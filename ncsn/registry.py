@@ -168,6 +168,14 @@ def _check_conditioning(loss_cfg, model_cfg, annealed: bool) -> None:
                           f"unconditional network; use model=mlp, or loss.annealed=true")
 
 
+def _check_batch_statistics(loss_cfg, model_cfg) -> None:
+    if model_cfg.name == "realnvp" and model_cfg.get("norm") == "batch":
+        raise ConfigError(f"loss={loss_cfg.name} needs each sample's score, but model.norm=batch "
+                          f"normalises with the batch's statistics in training, so one "
+                          f"sample's score depends on the rest of its batch; use loss=nll, or "
+                          f"model.norm=actnorm")
+
+
 def _check_continuous(loss_cfg, model_cfg, annealed: bool) -> None:
     if not annealed:
         raise ConfigError(f"noise.continuous=true draws sigma per sample for an annealed "
@@ -222,6 +230,7 @@ def _build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg, dataset_cfg
     name = loss_cfg.name
     if name == "nll":
         return _flow_nll(loss_cfg, model_cfg, dataset_cfg)
+    _check_batch_statistics(loss_cfg, model_cfg)
     annealed = name == "anneal_dsm" or bool(loss_cfg.get("annealed", False))
     _check_conditioning(loss_cfg, model_cfg, annealed)
     continuous = noise_cfg is not None and bool(noise_cfg.get("continuous", False))

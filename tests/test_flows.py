@@ -12,9 +12,9 @@ from ncsn import registry
 from ncsn.data.images import ModelSpace
 from ncsn.flows import (ExactSample, Flow, LogDensity, glow, negative_log_likelihood, nice,
                         realnvp)
-from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, DiagonalScaling,
-                               InvertibleConv1x1, Sequence, Squeeze, alternating_mask,
-                               channel_mask, checkerboard_mask)
+from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
+                               DiagonalScaling, InvertibleConv1x1, Sequence, Squeeze,
+                               alternating_mask, channel_mask, checkerboard_mask)
 from ncsn.flows.models import conv_net, mlp, prior_from_normal
 from ncsn.flows.objective import exact_samples, nll_objective
 
@@ -65,8 +65,22 @@ def layers():
     }
 
 
+def with_running_statistics(module, shape):
+    """``module`` after a few training-mode passes on data away from N(0, I), so that its
+    batch norms' running averages have left their (0, 1) start."""
+    module.train()
+    with torch.no_grad():
+        for _ in range(3):
+            module(3 * torch.rand(64, *shape) - 1, LogDensity())
+    return module
+
+
 def models():
     return {
+        "realnvp_points_batch": with_running_statistics(
+            realnvp((4,), hidden=8, norm="batch"), (4,)),
+        "realnvp_images_batch": with_running_statistics(
+            realnvp((1, 4, 4), n_scales=2, hidden=4, norm="batch"), (1, 4, 4)),
         "nice_points": nice((4,), hidden=8, n_hidden=2),
         "nice_images": nice((1, 4, 4), hidden=8, n_hidden=2, n_couplings=3),
         "realnvp_points": realnvp((4,), hidden=8),
@@ -106,6 +120,8 @@ def test_every_model_inverts_and_its_log_det_is_the_jacobians(name):
 
 
 @pytest.mark.parametrize("make", [lambda: realnvp((2,), hidden=8),
+                                  lambda: with_running_statistics(
+                                      realnvp((2,), hidden=8, norm="batch"), (2,)),
                                   lambda: glow((2,), depth=2, hidden=8)])
 def test_a_2d_flows_density_integrates_to_one(make):
     flow = perturbed(make(), 0.1).eval()
@@ -333,3 +349,136 @@ def test_langevin_on_a_flows_score_agrees_with_its_exact_samples():
     # Langevin's stationary law differs from p by O(step size): a few hundredths here.
     assert torch.allclose(chains.mean(0), exact.mean(0), atol=0.05)
     assert torch.allclose(torch.cov(chains.T), torch.cov(exact.T), atol=0.05 * exact.var(0).max())
+
+
+# ----------------------------------------------------------------------------- batch norm
+def batch_norm_with_running_statistics(channels):
+    """A perturbed BatchNorm whose running averages are random, not their (0, 1) start."""
+    norm = perturbed(BatchNorm(channels))
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.randn(channels))
+        norm.running_var.copy_(torch.rand(channels) + 0.5)
+    return norm
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 2, 2)])
+def test_batch_norm_in_eval_mode_inverts_and_its_log_det_is_the_jacobians(shape):
+    norm = batch_norm_with_running_statistics(shape[0]).eval()
+    x = torch.randn(3, *shape)
+    y, log_det = norm(x)
+    x_back, inverse_log_det = norm.inverse(y)
+    assert torch.allclose(x_back, x, atol=1e-5)
+    assert torch.allclose(inverse_log_det, -log_det, atol=1e-8)
+    for i in range(len(x)):
+        assert log_det[i].item() == pytest.approx(jacobian_log_det(norm, x[i:i + 1]).item(),
+                                                  abs=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 2, 2)])
+def test_batch_norm_in_training_is_the_per_sample_map_of_the_batch_statistics(shape):
+    norm = perturbed(BatchNorm(shape[0])).train()
+    x = 2 * torch.randn(16, *shape) + 1
+    y, log_det = norm(x)
+    # RealNVP Sec. 3.7 with the batch's mean and biased variance per channel written out:
+    # x -> (x - mu) / sqrt(var + eps) exp(log_gamma) + beta, the statistics held constant.
+    dims = [0] + list(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    mu = x.mean(dims, keepdim=True)
+    var = ((x - mu) ** 2).mean(dims, keepdim=True)
+    gamma, beta = norm.log_gamma.exp().view(view), norm.beta.view(view)
+    per_sample = lambda v: ((v - mu) / torch.sqrt(var + norm.eps) * gamma + beta, None)
+    assert torch.allclose(y, per_sample(x)[0], atol=1e-12)
+    for i in range(len(x)):
+        assert log_det[i].item() == pytest.approx(
+            jacobian_log_det(per_sample, x[i:i + 1]).item(), abs=1e-8)
+    # Before the learned scale and shift, the batch is standardised per channel.
+    standard = (y - beta) / gamma
+    assert torch.allclose(standard.mean(dims), torch.zeros(shape[0]), atol=1e-10)
+    assert torch.allclose(((standard - standard.mean(dims, keepdim=True)) ** 2).mean(dims),
+                          (var / (var + norm.eps)).flatten(), atol=1e-10)
+
+
+def test_batch_norm_gradients_flow_through_the_batch_statistics():
+    norm = BatchNorm(2).train()
+    x = torch.randn(8, 2, requires_grad=True)
+    y, _ = norm(x)
+    (grad,) = torch.autograd.grad(y[0, 0], x)
+    # y_00 depends on every sample's x_0 through mu and var, and on no other channel.
+    assert (grad[1:, 0] != 0).all() and (grad[:, 1] == 0).all()
+
+
+def test_batch_norm_running_averages_move_toward_the_batch_statistics():
+    norm = BatchNorm(3)
+    x = torch.randn(32, 3, 2, 2) * torch.tensor([0.5, 2.0, 3.0]).view(1, 3, 1, 1) \
+        + torch.tensor([4.0, -1.0, 0.0]).view(1, 3, 1, 1)
+    per_channel = x.transpose(0, 1).flatten(1)
+    mean, var = per_channel.mean(1), per_channel.var(1, unbiased=False)
+    norm(x)
+    m = norm.momentum
+    assert torch.allclose(norm.running_mean, m * mean, atol=1e-12)
+    assert torch.allclose(norm.running_var, (1 - m) + m * var, atol=1e-12)
+    for _ in range(199):
+        norm(x)
+    # n updates on the same batch: running = batch + (1 - m)^n (start - batch).
+    assert torch.allclose(norm.running_mean, mean * (1 - (1 - m) ** 200), atol=1e-8)
+    assert torch.allclose(norm.running_var, var + (1 - m) ** 200 * (1 - var), atol=1e-8)
+    before = (norm.running_mean.clone(), norm.running_var.clone())
+    norm.eval()(x + 10)
+    norm.train().inverse(x)                      # the inverse never updates them either
+    assert torch.equal(norm.running_mean, before[0]) and torch.equal(norm.running_var, before[1])
+
+
+def test_a_batch_normed_realnvp_keeps_its_running_statistics_through_a_checkpoint(tmp_path):
+    trained = with_running_statistics(realnvp((1, 4, 4), hidden=4, norm="batch"), (1, 4, 4))
+    state = trained.state_dict()
+    running = [k for k in state if k.endswith("running_mean") or k.endswith("running_var")]
+    assert len(running) == 2 * 10                # 3 + 3 couplings, then 4 at the last scale
+    torch.save(state, tmp_path / "flow.pt")
+    restored = realnvp((1, 4, 4), hidden=4, norm="batch")
+    restored.load_state_dict(torch.load(tmp_path / "flow.pt", weights_only=True))
+    for key in running:
+        assert torch.equal(restored.state_dict()[key], state[key]), key
+    x = torch.rand(5, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(restored.eval().log_prob(x), trained.eval().log_prob(x))
+
+
+@pytest.mark.parametrize("loss", [{"name": "ssm", "n_projections": 1, "projection": "gaussian",
+                                   "variance_reduction": False},
+                                  {"name": "exact_sm", "max_dim": 64},
+                                  {"name": "dsm", "sigma": 0.1}])
+def test_score_matching_is_refused_for_a_batch_normed_realnvp_in_one_line(loss):
+    model = OmegaConf.create({"name": "realnvp", "norm": "batch"})
+    with pytest.raises(registry.ConfigError, match=f"loss={loss['name']} needs each sample's "
+                       "score, but model.norm=batch .* use loss=nll, or model.norm=actnorm"
+                       ) as err:
+        registry.build_objective(OmegaConf.create(loss), model, torch.ones(1))
+    assert "\n" not in str(err.value)
+    registry.build_objective(OmegaConf.create(loss), OmegaConf.create(
+        {"name": "realnvp", "norm": "actnorm"}), torch.ones(1))
+    assert registry.build_objective(OmegaConf.create({"name": "nll"}), model, torch.ones(1))
+
+
+def test_the_test_loss_scores_a_batch_normed_flow_with_its_running_averages(tmp_path):
+    from conftest import compose_train
+
+    from ncsn.train import build_run, test_loss
+
+    torch.set_default_dtype(torch.float32)
+    run = build_run(compose_train(["experiment=realnvp_digits", "model.norm=batch",
+                                   "model.hidden=8", "model.n_scales=1", "trainer.device=cpu",
+                                   "trainer.resume=false", "trainer.progress=false"]), tmp_path)
+    net = with_running_statistics(run.sampling_net, run.data.shape)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(1)                     # the same dequantization noise both times
+        losses.append(test_loss(run))
+    assert losses[0] == losses[1] and net.training      # back in training mode afterwards
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    x = torch.stack([run.data.test[i][0] for i in range(8)])
+    with torch.no_grad():
+        in_eval = run.objective.held_out(net.eval(), x)[0]
+        in_train = run.objective.held_out(net.train(), x)[0]
+    assert not torch.allclose(in_eval, in_train)  # the batch's statistics would score otherwise

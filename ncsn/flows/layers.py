@@ -173,6 +173,63 @@ class ActNorm(nn.Module):
         return x, (-_pixels(y) * self.log_scale.sum()).expand(y.shape[0])
 
 
+class BatchNorm(nn.Module):
+    """RealNVP's batch normalisation as a bijection (Dinh et al. 2017, Sec. 3.7, App. E):
+    per channel, y = (x - mu) / sqrt(var + eps) exp(log_gamma) + beta, so
+    log |det| = HW sum over channels of (log_gamma - 0.5 log(var + eps)).
+
+    Training mode: (mu, var) are the batch's mean and (biased) variance per channel, with
+    gradients through them, and the running averages move toward them by ``momentum``.
+    Evaluation mode, and the inverse in either mode (sampling): the running averages, so
+    the map is a fixed per-channel affine bijection and one sample's density does not depend
+    on its batch. The log-det counts the statistics as constants, as the paper's does.
+
+    eps = 1e-4 and momentum 0.1 (running += 0.1 (batch - running)) are the authors' code's
+    (tensorflow/models research/real_nvp: the couplings' ``bn_out`` calls
+    ``batch_norm_log_diff`` with epsilon=1e-4, decay=.1). That code normalises only the
+    coupling's transformed half and learns no gamma and beta there; here the layer follows
+    every coupling on all channels, with MAF's (Papamakarios et al. 2017, eq. 22) learned
+    log_gamma and beta, zero at the start, where it is the authors' map.
+    """
+
+    def __init__(self, channels: int, momentum: float = 0.1, eps: float = 1e-4):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.log_gamma = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, var) (C,) used on ``x``: the batch's in training mode (updating the running
+        averages), the running averages otherwise."""
+        if not self.training:
+            return self.running_mean, self.running_var
+        per_channel = x.transpose(0, 1).flatten(1)
+        mean, var = per_channel.mean(1), per_channel.var(1, unbiased=False)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
+        return mean, var
+
+    def _log_scale(self, var: Tensor) -> Tensor:
+        """log of the per-channel factor exp(log_gamma) / sqrt(var + eps) (C,)."""
+        return self.log_gamma - 0.5 * torch.log(var + self.eps)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, var = self.statistics(x)
+        log_scale = self._log_scale(var)
+        y = (x - _per_channel(mean, x)) * _per_channel(log_scale, x).exp() \
+            + _per_channel(self.beta, x)
+        return y, (_pixels(x) * log_scale.sum()).expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        log_scale = self._log_scale(self.running_var)
+        x = (y - _per_channel(self.beta, y)) * _per_channel(-log_scale, y).exp() \
+            + _per_channel(self.running_mean, y)
+        return x, (-_pixels(y) * log_scale.sum()).expand(y.shape[0])
+
+
 class InvertibleConv1x1(nn.Module):
     """Glow's invertible 1x1 convolution (Sec. 3.2): y = W x at every pixel, W (C, C) started
     as a random rotation; log |det| = HW log |det W|. Points: y = W x.

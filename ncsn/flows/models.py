@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, DiagonalScaling,
-                               Flatten, InvertibleConv1x1, MultiScale, Sequence, Squeeze,
-                               alternating_mask, channel_mask, checkerboard_mask)
+from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
+                               DiagonalScaling, Flatten, InvertibleConv1x1, MultiScale, Sequence,
+                               Squeeze, alternating_mask, channel_mask, checkerboard_mask)
 
 PRIORS = ("gaussian", "logistic")
 
@@ -184,13 +184,16 @@ def nice(shape: tuple[int, ...], n_couplings: int = 4, hidden: int = 1000, n_hid
 
 
 # ----------------------------------------------------------------------------- RealNVP
-def _affine_steps(masks: list[Tensor], make_net, scale: str, norm: bool,
+REALNVP_NORMS = {"actnorm": ActNorm, "batch": BatchNorm, "none": None}
+
+
+def _affine_steps(masks: list[Tensor], make_net, scale: str, norm: str,
                   channels: int) -> list[nn.Module]:
     layers = []
     for mask in masks:
         layers.append(AffineCoupling(mask, make_net(), scale))
-        if norm:
-            layers.append(ActNorm(channels))
+        if REALNVP_NORMS[norm] is not None:
+            layers.append(REALNVP_NORMS[norm](channels))
     return layers
 
 
@@ -199,23 +202,23 @@ def realnvp(shape: tuple[int, ...], n_scales: int = 2, n_couplings: int = 4, hid
     """RealNVP (Dinh et al. 2017). Images: per scale 3 checkerboard couplings, squeeze, 3
     channel-wise couplings, then half the channels factored out (Sec. 3.6); the last scale
     has 4 checkerboard couplings. Points: ``n_couplings`` affine couplings with alternating
-    masks and MLP nets. ``norm``: actnorm after every coupling (the paper used batch
-    normalisation; actnorm is its data-initialised, batch-independent form) or none."""
-    if norm not in ("actnorm", "none"):
-        raise ValueError(f"model.norm must be 'actnorm' or 'none', got {norm!r}")
-    use_norm = norm == "actnorm"
+    masks and MLP nets. ``norm``, a layer after every coupling: ``batch``, the paper's batch
+    normalisation (Sec. 3.7; batch statistics in training, running averages in evaluation
+    and sampling); ``actnorm``, Glow's data-initialised, batch-independent form; or none."""
+    if norm not in REALNVP_NORMS:
+        raise ValueError(f"model.norm must be one of {', '.join(REALNVP_NORMS)}, got {norm!r}")
     if len(shape) == 1:
         dim = shape[0]
         masks = [alternating_mask(dim, i % 2) for i in range(n_couplings)]
         steps = _affine_steps(masks, lambda: mlp(dim, hidden, n_hidden, 2 * dim, True), "tanh",
-                              use_norm, dim)
+                              norm, dim)
         return Flow(shape, Sequence(steps), prior)
     _check_squeezable(shape, n_scales - 1, "model=realnvp")
-    return Flow(shape, _realnvp_scale(tuple(shape), n_scales, hidden, use_norm), prior)
+    return Flow(shape, _realnvp_scale(tuple(shape), n_scales, hidden, norm), prior)
 
 
 def _realnvp_scale(shape: tuple[int, int, int], n_scales: int, hidden: int,
-                   norm: bool) -> nn.Module:
+                   norm: str) -> nn.Module:
     c, h, w = shape
     net = lambda channels: lambda: conv_net(channels, hidden, 2 * channels)
     if n_scales == 1:
