@@ -70,7 +70,9 @@ def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
         data = registry.build_data(sampler.dataset_cfg).test.tensors[0]
         viz.save_figure(viz.samples_figure(samples, data), out / "samples.png")
         if cfg.save_trajectory:
-            viz.save_figure(viz.trajectories_figure(trajectory, data), out / "trajectory.png")
+            viz.save_figure(viz.trajectories_figure(trajectory, data,
+                                                    sampler=sampler.sampler_cfg.name),
+                            out / "trajectory.png")
     log.info("wrote %d samples to %s", len(samples), out / "samples.npz")
     return out / "samples.npz"
 

@@ -697,7 +697,8 @@ def _report_points(run: Run, samples: Tensor, trajectory: Tensor) -> None:
     figures = {
         "score_field": viz.score_field_figure(run.sampling_net, data, sigma, device=run.device),
         "samples": viz.samples_figure(samples, data),
-        "trajectories": viz.trajectories_figure(trajectory, data),
+        "trajectories": viz.trajectories_figure(trajectory, data,
+                                                sampler=run.cfg.sampler.name),
     }
     if hasattr(run.sampling_net, "log_prob"):      # a flow: its exact density, data, samples
         figures["density"] = viz.density_figure(run.sampling_net.log_prob, data, samples,

@@ -80,8 +80,9 @@ def samples_figure(samples: Tensor, data: Tensor, n: int = 2000):
     return fig
 
 
-def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 12):
-    """Paths of a few Langevin chains (trajectory: (K, B, 2)) over the data."""
+def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 12,
+                        sampler: str = "sampler"):
+    """Paths of a few chains of ``sampler`` (trajectory: (K, B, 2)) over the data."""
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(*data[:2000].T, s=2, alpha=0.3, color="tab:gray")
     for chain in range(min(n_chains, trajectory.shape[1])):
@@ -91,7 +92,7 @@ def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 12):
     x0, x1, y0, y1 = _bounds(torch.cat([data, trajectory[-1]]))
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
-    ax.set_title("Langevin trajectories (black: end)")
+    ax.set_title(f"{sampler} trajectories (black: end)")
     ax.set_aspect("equal")
     return fig
 
