@@ -269,7 +269,7 @@ def sample_flops(run: Run) -> float:
     """FLOPs of the network's forward pass on one sample, counted by torch.utils.flop_counter."""
     x = torch.zeros(1, *run.data.shape, device=run.device)
     sigma = run.sigmas[:1].to(run.device) if registry.is_conditional(run.cfg.model) else None
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), evaluating(run.net), FlopCounterMode(display=False) as counter:
         run.net(x, sigma)
     return float(counter.get_total_flops())
 
@@ -550,8 +550,7 @@ def test_loss(run: Run, max_batches: int = 10) -> float | None:
         return None
     loader = torch.utils.data.DataLoader(run.data.test, batch_size=run.cfg.trainer.batch_size)
     total, count = 0.0, 0
-    net = run.sampling_net.eval()
-    try:
+    with evaluating(run.sampling_net) as net:
         for i, batch in enumerate(loader):
             if i >= max_batches:
                 break
@@ -560,8 +559,6 @@ def test_loss(run: Run, max_batches: int = 10) -> float | None:
             with torch.enable_grad():
                 per_sample, _ = getattr(run.objective, "held_out", run.objective)(net, x)
             total, count = total + per_sample.detach().sum().item(), count + len(x)
-    finally:
-        net.train()
     return total / count
 
 
@@ -571,15 +568,13 @@ def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 
     under the run's autocast (its output back in the chain's dtype)."""
     g = torch.Generator().manual_seed(seed)
     x = registry.initial_samples(run.cfg.sampler, n, run.data.shape, run.sigmas, run.device, g)
-    net = run.sampling_net.eval()
+    net = run.sampling_net
 
     def score(y: Tensor, sigma: Tensor | None) -> Tensor:
         with _autocast(run):
             return net(y, sigma).to(y.dtype)
-    try:
+    with evaluating(net):
         return run.sampler(score, x, return_trajectory=return_trajectory, progress=progress)
-    finally:
-        net.train()
 
 
 def network_evaluations(sampler_cfg, n_levels: int) -> int | None:
@@ -600,16 +595,13 @@ def seconds_per_evaluation(run: Run, n: int) -> float:
     x = torch.zeros(n, *run.data.shape, device=run.device)
     sigma = run.sigmas[-1:].to(run.device).expand(n) if registry.is_conditional(
         run.cfg.model) else None
-    net = run.sampling_net.eval()
-    try:
+    with evaluating(run.sampling_net) as net:
         for _ in range(2):
             _synchronize(run.device)
             start = time.perf_counter()
             with _autocast(run):
                 net(x, sigma)
             _synchronize(run.device)
-    finally:
-        net.train()
     return time.perf_counter() - start
 
 
@@ -632,6 +624,17 @@ def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.2g} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@contextmanager
+def evaluating(net: nn.Module):
+    """``net`` in evaluation mode inside the block, back in training mode after: batch
+    statistics (a batch-normalised flow) and dropout are training's alone."""
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train()
 
 
 @contextmanager
@@ -694,15 +697,16 @@ def keep_if_best(run: Run, loss: float) -> None:
 def _report_points(run: Run, samples: Tensor, trajectory: Tensor) -> None:
     data = run.data.test.tensors[0] if run.data.test is not None else run.data.train.tensors[0]
     sigma = float(run.sigmas[run.cfg.trainer.plot_sigma_index])
-    figures = {
-        "score_field": viz.score_field_figure(run.sampling_net, data, sigma, device=run.device),
-        "samples": viz.samples_figure(samples, data),
-        "trajectories": viz.trajectories_figure(trajectory, data,
-                                                sampler=run.cfg.sampler.name),
-    }
-    if hasattr(run.sampling_net, "log_prob"):      # a flow: its exact density, data, samples
-        figures["density"] = viz.density_figure(run.sampling_net.log_prob, data, samples,
-                                                device=run.device)
+    with evaluating(run.sampling_net) as net:
+        figures = {
+            "score_field": viz.score_field_figure(net, data, sigma, device=run.device),
+            "samples": viz.samples_figure(samples, data),
+            "trajectories": viz.trajectories_figure(trajectory, data,
+                                                    sampler=run.cfg.sampler.name),
+        }
+        if hasattr(net, "log_prob"):      # a flow: its exact density, data, samples
+            figures["density"] = viz.density_figure(net.log_prob, data, samples,
+                                                    device=run.device)
     for name, fig in figures.items():
         pixels = viz.save_figure(fig, run.run_dir / "pictures" / f"{name}.png")
         run.writer.add_image(f"pictures/{name}", pixels, run.step, dataformats="HWC")

@@ -482,3 +482,25 @@ def test_the_test_loss_scores_a_batch_normed_flow_with_its_running_averages(tmp_
         in_eval = run.objective.held_out(net.eval(), x)[0]
         in_train = run.objective.held_out(net.train(), x)[0]
     assert not torch.allclose(in_eval, in_train)  # the batch's statistics would score otherwise
+
+
+def test_pictures_and_flop_counts_leave_a_batch_normalised_flows_running_averages_alone(
+        tmp_path):
+    from conftest import compose_train
+    from ncsn.checkpoint import load_checkpoint
+    from ncsn.train import train
+
+    torch.set_default_dtype(torch.float32)
+    base = ["dataset=moons", "model=realnvp", "model.norm=batch", "model.hidden=16",
+            "loss=nll", "sampler=flow", "trainer.ema=false", "trainer.n_steps=6",
+            "trainer.batch_size=32", "trainer.device=cpu", "trainer.progress=false"]
+    train(compose_train(base + ["trainer.n_plot_samples=0"]), tmp_path / "plain")
+    train(compose_train(base + ["trainer.n_plot_samples=50", "trainer.sample_every=3"]),
+          tmp_path / "pictures")
+    plain, pictures = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"]
+                       for name in ("plain", "pictures"))
+    assert (tmp_path / "pictures" / "pictures" / "density.png").is_file()
+    running = [key for key in plain if "running" in key]
+    assert running
+    for key in running:
+        assert torch.equal(plain[key], pictures[key]), key
