@@ -92,6 +92,8 @@ class NICEConfig:
     hidden: int = 1000               # units per hidden layer of each coupling MLP
     n_hidden: int = 5                # hidden layers per coupling MLP
     prior: str = "logistic"          # logistic (NICE's MNIST) | gaussian
+    activation: str = "relu"         # relu (NICE) | softplus (the sliced score matching code)
+                                     # | silu | elu
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Benchmark: one flow, several training objectives, judged by the exact test likelihood.
 
-NICE on scikit-learn's 8x8 digits (experiment=nice_digits: the paper's MNIST size, 4
-couplings of 5 x 1000 units, in logit space) is trained by maximum likelihood and by score
+NICE on scikit-learn's 8x8 digits (experiment=nice_digits in logit space, at the sliced score
+matching code's NICE: 4 couplings of 4 x 1000 softplus units, Gaussian prior) is trained by maximum likelihood and by score
 matching on its own score (exact SM, SSM, SSM-VR, DSM), as the sliced score matching paper
 (Song et al. 2019, Sec. 5.1) did with NICE on MNIST, and with its code's protocol
 (runners/nice_runner.py, configs/nice/*.yml): Adam at lr 1e-4 (DSM 1e-3), batch 128 (exact
@@ -14,11 +14,13 @@ with --flows.
 
     python scripts/compare_objectives.py [--steps 2000] [--objectives nll,ssm,ssm_vr,dsm,exact_sm]
         [--lr OBJ=LR,...] [--exact-sm-steps N] [--exact-sm-batch 24] [--dsm-sigma 0.1]
-        [--hidden 1000] [--n-hidden 5] [--logit 1e-3 | --no-logit] [--flows]
-        [--set KEY=VALUE ...] [--json results.json]
+        [--hidden 1000] [--n-hidden 4] [--activation softplus] [--prior gaussian]
+        [--logit 1e-3 | --no-logit] [--flows] [--set KEY=VALUE ...] [--workdir DIR]
+        [--json results.json]
     python scripts/compare_objectives.py --report a.json b.json [--out docs]
 
-A run writes its results as JSON (``--json``; samples beside it as .pt); ``--report`` merges
+A run writes its results as JSON (``--json``; samples beside it as .pt) and keeps its runs
+under ``--workdir`` when given (a second call with the same one resumes them); ``--report`` merges
 such files (runs split over several processes) into the table between the markers in
 OUT/OBJECTIVES.md, leaving the text around it, and draws OUT/objectives_samples.png.
 """
@@ -146,6 +148,7 @@ def nice_runs(args, workdir: Path) -> list[dict]:
                  "trainer.keep_best=true", f"trainer.sample_every={args.validate_every}",
                  "trainer.n_plot_samples=0"]
     nice = [f"model.hidden={args.hidden}", f"model.n_hidden={args.n_hidden}",
+            f"model.activation={args.activation}", f"model.prior={args.prior}",
             "optim.betas=[0.9,0.999]", "optim.eps=1e-8",          # Adam's defaults, as theirs
             *(["dataset.logit_transform=false"] if args.no_logit else
               ["dataset.logit_transform=true", f"dataset.logit_lambda={args.logit}"])]
@@ -244,7 +247,10 @@ def main() -> None:
     parser.add_argument("--exact-sm-batch", type=int, default=24, help="as nice_exact.yml")
     parser.add_argument("--dsm-sigma", type=float, default=0.1)
     parser.add_argument("--hidden", type=int, default=1000)
-    parser.add_argument("--n-hidden", type=int, default=5)
+    parser.add_argument("--n-hidden", type=int, default=4,
+                        help="hidden layers per coupling (NICE's paper: 5)")
+    parser.add_argument("--activation", default="softplus", help="NICE's paper: relu")
+    parser.add_argument("--prior", default="gaussian", help="NICE's paper: logistic")
     parser.add_argument("--logit", type=float, default=1e-3, metavar="LAMBDA",
                         help="logit(LAMBDA + (1 - 2 LAMBDA) x); the code's clamp is 1e-3")
     parser.add_argument("--no-logit", action="store_true", help="pixels in [0, 1]")
@@ -254,6 +260,8 @@ def main() -> None:
     parser.add_argument("--flow-steps", type=int, default=800)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides for every run, e.g. trainer.num_threads=1")
+    parser.add_argument("--workdir", default=None,
+                        help="keep the runs here (resumable); default a temporary folder")
     parser.add_argument("--json", default="objectives.json")
     parser.add_argument("--report", nargs="+", metavar="JSON", default=None,
                         help="merge these results into OUT/OBJECTIVES.md instead of training")
@@ -266,9 +274,10 @@ def main() -> None:
         picture(results, out / "objectives_samples.png")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        results = nice_runs(args, Path(tmp))
+        workdir = Path(args.workdir or tmp)
+        results = nice_runs(args, workdir)
         if args.flows:
-            results += flow_runs(args, Path(tmp))
+            results += flow_runs(args, workdir)
     save_results(results, args, Path(args.json))
 
 

@@ -95,6 +95,8 @@ def models():
             realnvp((1, 4, 4), n_scales=2, hidden=4, norm="batch"), (1, 4, 4)),
         "nice_points": nice((4,), hidden=8, n_hidden=2),
         "nice_images": nice((1, 4, 4), hidden=8, n_hidden=2, n_couplings=3),
+        "nice_softplus_gaussian": nice((4,), hidden=8, n_hidden=2, prior="gaussian",
+                                       activation="softplus"),
         "realnvp_points": realnvp((4,), hidden=8),
         "realnvp_images": realnvp((1, 4, 4), n_scales=2, hidden=4),
         "glow_points": glow((4,), depth=2, hidden=8),

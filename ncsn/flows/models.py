@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ncsn.nets.mlp import make_activation
 from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
                                DiagonalScaling, Flatten, InvertibleConv1x1, MultiScale, Sequence,
                                Squeeze, alternating_mask, channel_mask, checkerboard_mask)
@@ -73,12 +74,14 @@ def prior_from_normal(eps: Tensor, prior: str, temperature: float = 1.0) -> Tens
 
 
 # ----------------------------------------------------------------------------- coupling nets
-def mlp(dim_in: int, hidden: int, n_hidden: int, dim_out: int, zero_last: bool) -> nn.Sequential:
-    """A ReLU MLP with ``n_hidden`` hidden layers of ``hidden`` units (NICE's coupling
-    function m); ``zero_last`` starts the coupling at the identity (Glow's zero init)."""
+def mlp(dim_in: int, hidden: int, n_hidden: int, dim_out: int, zero_last: bool,
+        activation: str = "relu") -> nn.Sequential:
+    """An MLP with ``n_hidden`` hidden layers of ``hidden`` units and ``activation`` (a name
+    of ncsn.nets.mlp.ACTIVATIONS: NICE's coupling function m); ``zero_last`` starts the coupling at the identity
+    (Glow's zero init)."""
     layers, width = [], dim_in
     for _ in range(n_hidden):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), make_activation(activation)]
         width = hidden
     last = nn.Linear(width, dim_out)
     if zero_last:
@@ -170,15 +173,20 @@ class Flow(nn.Module):
 
 # ----------------------------------------------------------------------------- NICE
 def nice(shape: tuple[int, ...], n_couplings: int = 4, hidden: int = 1000, n_hidden: int = 5,
-         prior: str = "logistic") -> Flow:
+         prior: str = "logistic", activation: str = "relu") -> Flow:
     """NICE (Dinh et al. 2015, Sec. 5.1, MNIST): ``n_couplings`` additive couplings on the
-    flattened input with alternating odd/even partitions, each m() a ReLU MLP of
-    ``n_hidden`` x ``hidden`` units, then the diagonal scaling layer; logistic prior."""
+    flattened input with alternating odd/even partitions, each m() an MLP of ``n_hidden`` x
+    ``hidden`` units, then the diagonal scaling layer; logistic prior, ReLU.
+
+    The sliced score matching code's NICE (models/nice_approxbp.py) has softplus units, 4
+    hidden layers and a Gaussian prior (``activation="softplus", n_hidden=4,
+    prior="gaussian"``): score matching trains through second derivatives of m, which a
+    ReLU network has zero almost everywhere."""
     dim = math.prod(shape)
     if dim < 2:
         raise ValueError(f"NICE splits the coordinates in two, but the data has {dim}")
     layers = [AdditiveCoupling(alternating_mask(dim, i % 2),
-                               mlp(dim, hidden, n_hidden, dim, zero_last=False))
+                               mlp(dim, hidden, n_hidden, dim, False, activation))
               for i in range(n_couplings)]
     return Flow(shape, Sequence([*layers, DiagonalScaling((dim,))]), prior, flat_input=True)
 
