@@ -54,8 +54,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 OBJECTIVES = {
     "nll": ("maximum likelihood", ["loss=nll"]),
     "exact_sm": ("exact score matching", ["loss=exact_sm", "loss.max_dim=64"]),
-    "ssm": ("sliced score matching", ["loss=ssm"]),
-    "ssm_vr": ("SSM with variance reduction", ["loss=ssm_vr"]),
+    # Rademacher projections, as configs/nice/nice_ssm*.yml
+    "ssm": ("sliced score matching", ["loss=ssm", "loss.projection=rademacher"]),
+    "ssm_vr": ("SSM with variance reduction", ["loss=ssm_vr", "loss.projection=rademacher"]),
     "dsm": ("denoising score matching", ["loss=dsm"]),
 }
 # The sliced score matching code's learning rates (configs/nice/nice_*.yml).
@@ -165,6 +166,7 @@ def nice_runs(args, workdir: Path) -> list[dict]:
                   f"trainer.batch_size={batch}", f"optim.lr={rates[key]}"]
         results.append(run(key, f"NICE, {label}", "nice_digits",
                            [*budget, *selection, *nice, *overrides, *args.set], workdir))
+        save_results(results, args, Path(args.json))          # so far, run by run
     return results
 
 
