@@ -39,6 +39,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
 
 from ncsn.config import config_dir, register_configs
 from ncsn.data import first_tensor
@@ -201,13 +202,16 @@ def load_results(paths: list[str]) -> list[dict]:
 
 
 def picture(results: list[dict], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(results), figsize=(2.6 * len(results), 3.1))
-    for ax, r in zip(axes if len(results) > 1 else [axes], results):
-        grid = r["samples"][:64, 0].reshape(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(64, 64)
-        ax.imshow(grid.clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
-        title = r["label"].split(" (")[0].replace("NICE, ", "NICE,\n")
-        ax.set_title(f"{title}\n{r['bpd_best']:.2f} bits/dim", fontsize=8)
+    columns = min(4, len(results))
+    rows = math.ceil(len(results) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for ax, r in zip(axes.flat, results):
+        grid = make_grid(r["samples"][:64].clamp(0, 1), nrow=8, padding=1, pad_value=0)[0]
+        ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
+        title = r["label"].split(" (")[0].replace("NICE, ", "NICE,\n")
+        ax.set_title(f"{title}\n{r['bpd_best']:.2f} bits/dim", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
