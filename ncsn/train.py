@@ -787,9 +787,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("model %s: %s parameters; %d noise levels, sigma %.4g -> %.4g; device %s%s",
-             cfg.model.name, f"{_count_parameters(run.module):,}", len(run.sigmas),
-             float(run.sigmas[0]), float(run.sigmas[-1]), run.device,
+    noise = ("a normalizing flow: no noise levels" if registry.is_flow(cfg.model) else
+             f"{len(run.sigmas)} noise levels, sigma {float(run.sigmas[0]):.4g} -> "
+             f"{float(run.sigmas[-1]):.4g}")
+    log.info("model %s: %s parameters; %s; device %s%s", cfg.model.name,
+             f"{_count_parameters(run.module):,}", noise, run.device,
              f"; {distributed.world_size()} processes" if distributed.is_distributed() else "")
     run.writer = SummaryWriter(str(run_dir / "tb")) if main else _NoWriter()
     try:
