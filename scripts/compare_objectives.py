@@ -1,16 +1,16 @@
 """Benchmark: one flow, several training objectives, judged by the exact test likelihood.
 
-NICE on scikit-learn's 8x8 digits (experiment=nice_digits in logit space, at the sliced score
-matching code's NICE: 4 couplings of 4 x 1000 softplus units, Gaussian prior) is trained by maximum likelihood and by score
-matching on its own score (exact SM, SSM, SSM-VR, DSM), as the sliced score matching paper
-(Song et al. 2019, Sec. 5.1) did with NICE on MNIST, and with its code's protocol
-(runners/nice_runner.py, configs/nice/*.yml): Adam at lr 1e-4 (DSM 1e-3), batch 128 (exact
-SM 24), a validation split held out of the training data and the weights with the best
-validation likelihood kept (trainer.keep_best), every run through ncsn-train's trainer.
-Each is judged by its exact test bits/dim (the test split uniformly dequantized once, seed 0)
-at its best validation step and at its last step, beside a factorised Gaussian and a
-per-pixel histogram fitted to the training split; RealNVP and Glow by maximum likelihood
-with --flows.
+NICE on scikit-learn's 8x8 digits (experiment=nice_digits in logit space, at the sliced
+score matching code's NICE: 4 couplings of 4 x 1000 softplus units, Gaussian prior) is
+trained by maximum likelihood and by score matching on its own score (exact SM, SSM, SSM-VR,
+DSM), as the sliced score matching paper (Song et al. 2019, Sec. 5.1) did with NICE on
+MNIST, and with its code's protocol (runners/nice_runner.py, configs/nice/*.yml): Adam at lr
+1e-4 (DSM 1e-3), batch 128 (exact SM 24), a validation split held out of the training data
+and the weights with the best validation likelihood kept (trainer.keep_best), every run
+through ncsn-train's trainer. Each is judged by its exact test bits/dim (the test split
+uniformly dequantized once, seed 0) at its best validation step and at its last step, beside
+a factorised Gaussian and a per-pixel histogram fitted to the training split; RealNVP and
+Glow by maximum likelihood with --flows.
 
     python scripts/compare_objectives.py [--steps 2000] [--objectives nll,ssm,ssm_vr,dsm,exact_sm]
         [--lr OBJ=LR,...] [--exact-sm-steps N] [--exact-sm-batch 24] [--dsm-sigma 0.1]

@@ -324,8 +324,8 @@ def test_nll_metric_scores_a_flow_by_its_exact_log_density_as_training_does(tmp_
 
     torch.set_default_dtype(torch.float32)
     overrides = ["experiment=nice_digits", "dataset.logit_transform=false",
-                 "model.hidden=16", "model.n_hidden=1", "trainer.n_steps=5", "trainer.n_plot_samples=0", "trainer.device=cpu",
-                 "trainer.progress=false"]
+                 "model.hidden=16", "model.n_hidden=1", "trainer.n_steps=5",
+                 "trainer.n_plot_samples=0", "trainer.device=cpu", "trainer.progress=false"]
     train(compose_train(overrides), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     tools = ev.Instruments(ev.EvalOptions(), torch.device("cpu"))

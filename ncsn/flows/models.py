@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.nets.mlp import make_activation
 from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
                                DiagonalScaling, Flatten, InvertibleConv1x1, MultiScale, Sequence,
                                Squeeze, alternating_mask, channel_mask, checkerboard_mask)
+from ncsn.nets.mlp import make_activation
 
 PRIORS = ("gaussian", "logistic")
 
@@ -77,8 +77,8 @@ def prior_from_normal(eps: Tensor, prior: str, temperature: float = 1.0) -> Tens
 def mlp(dim_in: int, hidden: int, n_hidden: int, dim_out: int, zero_last: bool,
         activation: str = "relu") -> nn.Sequential:
     """An MLP with ``n_hidden`` hidden layers of ``hidden`` units and ``activation`` (a name
-    of ncsn.nets.mlp.ACTIVATIONS: NICE's coupling function m); ``zero_last`` starts the coupling at the identity
-    (Glow's zero init)."""
+    in ncsn.nets.mlp.ACTIVATIONS): NICE's coupling function m; ``zero_last`` starts the
+    coupling at the identity (Glow's zero init)."""
     layers, width = [], dim_in
     for _ in range(n_hidden):
         layers += [nn.Linear(width, hidden), make_activation(activation)]
@@ -197,11 +197,11 @@ REALNVP_NORMS = {"actnorm": ActNorm, "batch": BatchNorm, "none": None}
 
 def _affine_steps(masks: list[Tensor], make_net, scale: str, norm: str,
                   channels: int) -> list[nn.Module]:
-    layers = []
+    make_norm, layers = REALNVP_NORMS[norm], []
     for mask in masks:
         layers.append(AffineCoupling(mask, make_net(), scale))
-        if REALNVP_NORMS[norm] is not None:
-            layers.append(REALNVP_NORMS[norm](channels))
+        if make_norm is not None:
+            layers.append(make_norm(channels))
     return layers
 
 
