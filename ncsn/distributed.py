@@ -90,6 +90,18 @@ def init_distributed() -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group: on every way out of a command (done, failed, signalled).
+
+    A process that exits with the group still up leaves gloo's threads running while the
+    interpreter tears down, and the C++ runtime aborts it ("terminate called without an
+    active exception", SIGABRT) instead of letting it exit with its own status. Destroying
+    the group joins them; a peer that already left makes no difference (its pairs are
+    closed, nothing waits on it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

@@ -63,6 +63,7 @@ def _worker(rank, world, port, overrides, run_dirs, out_dir, fault):
         outcome = {"error": type(err).__name__, "message": str(err),
                    "step": getattr(err, "step", -1)}
     torch.save(outcome, out_dir / f"rank{rank}.pt")
+    distributed.shutdown()                          # as ncsn.cli.common.run_cli does
 
 
 def run_two_ranks(tmp_path, overrides, run_dirs, fault=""):

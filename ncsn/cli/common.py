@@ -58,7 +58,7 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
     hydra/launcher=slurm``) a failure is raised as :class:`JobFailed` instead: the launcher
     reports an exception, while an exit would leave it waiting for a result that never
     comes (an interrupted job still exits: SLURM requeues it)."""
-    from ncsn.distributed import RankFailed
+    from ncsn.distributed import RankFailed, shutdown
     from ncsn.train import NonFiniteLossError, TrainingInterrupted
 
     def fail(message: str, code: int):
@@ -68,7 +68,7 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
         sys.exit(code)
 
     try:
-        return job()
+        return _run_then_leave(job, shutdown)
     except (ConfigError, CheckpointError, FileNotFoundError, *expected) as err:
         fail(str(err), 2)
     except NonFiniteLossError as err:
@@ -81,6 +81,15 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
         sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+
+
+def _run_then_leave(job: Callable[[], object], shutdown: Callable[[], None]) -> object:
+    """``job()``, then leave the process group whatever happened (see
+    :func:`ncsn.distributed.shutdown`), before the error, if any, becomes a line and an exit."""
+    try:
+        return job()
+    finally:
+        shutdown()
 
 
 def print_help(prog: str, config_name: str, summary: str, argv: list[str],
