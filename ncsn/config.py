@@ -251,6 +251,9 @@ class OptimConfig:
 class TrainerConfig:
     n_steps: int = 5000
     batch_size: int = 128                # the global batch
+    accumulate: int = 1                  # micro-batches per process and step: each process takes
+                                         # its rows of the global batch in this many passes,
+                                         # adding up their gradients (a full batch per step)
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     num_threads: Any = "auto"            # CPU threads for torch: N | auto (1 for small networks,
                                          # the free cores for large ones) | null: torch's default

@@ -140,6 +140,38 @@ def shard(global_batch: int) -> slice:
     return slice(rank() * size, (rank() + 1) * size)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient, the sum of the ranks' gradients (the
+    reduction SyncBatchNorm's statistics go through)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def global_moments(per_channel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance (C,) of ``per_channel`` (C, M), over the M values
+    of every rank together (equal shards): what one process holding the global batch would
+    compute, up to rounding. Differentiable: the gradient of a loss through these
+    statistics reaches every rank's values, as with SyncBatchNorm, so that once DDP has
+    averaged the weights' gradients they are the one process's. A single process computes
+    them directly."""
+    if not is_distributed():
+        return per_channel.mean(1), per_channel.var(1, unbiased=False)
+    count = per_channel.shape[1] * world_size()
+    mean = _SumOverRanks.apply(per_channel.sum(1)) / count
+    var = _SumOverRanks.apply((per_channel - mean[:, None]).pow(2).sum(1)) / count
+    return mean, var
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
     if not is_distributed():

@@ -28,6 +28,7 @@ from ncsn import distributed, losses, registry, viz
 from ncsn.checkpoint import (CheckpointError, best_held_out_loss, load_checkpoint,
                              save_best, save_checkpoint)
 from ncsn.data import Data, first_tensor, training_batches
+from ncsn.data.order import derived_seed
 from ncsn.image_io import enlarge
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ class Run:
     speed: Speed = field(default_factory=Speed)
     monitor: StepMonitor | None = field(default=None, repr=False)
     best_loss: float | None = None       # the lowest held-out loss so far (trainer.keep_best)
+    dropout: "DropoutStream | None" = field(default=None, repr=False)
 
     @property
     def module(self) -> nn.Module:
@@ -191,6 +193,7 @@ def build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None = None
 
 
 def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> Run:
+    check_batch(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.trainer.num_threads not in (None, "auto"):
         # Small networks on a busy CPU run far faster on one thread than on contended ones.
@@ -212,8 +215,91 @@ def _build_run(cfg: DictConfig, run_dir: str | Path, sigmas: Tensor | None) -> R
               sampler=registry.build_sampler(cfg.sampler, sigmas, cfg.model),
               data_generator=torch.Generator().manual_seed(cfg.seed),
               monitor=StepMonitor(len(sigmas), device))
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in net.modules()):
+        run.dropout = DropoutStream(net, cfg.seed, device)      # after the EMA copy: not on it
     apply_speed_options(run)
     return run
+
+
+def check_batch(cfg: DictConfig) -> None:
+    """The global batch, its split over the processes and trainer.accumulate, checked
+    before anything is built."""
+    t, n = cfg.trainer, distributed.world_size()
+    if t.batch_size < 1:
+        raise registry.ConfigError(f"trainer.batch_size must be a positive number of samples, "
+                                   f"got {t.batch_size}")
+    if t.accumulate < 1:
+        raise registry.ConfigError(f"trainer.accumulate must be at least 1 (micro-batches per "
+                                   f"step), got {t.accumulate}")
+    rows = distributed.shard(t.batch_size)              # refuses a batch that does not split
+    share = rows.stop - rows.start
+    if share % t.accumulate:
+        divisors = [k for k in range(1, share + 1) if share % k == 0]
+        where = f" on each of the {n} processes" if n > 1 else ""
+        raise registry.ConfigError(
+            f"trainer.accumulate={t.accumulate} must divide the {share} rows of "
+            f"trainer.batch_size={t.batch_size}{where}; use one of {divisors}")
+    if t.accumulate > 1 and cfg.model.get("norm") == "batch":
+        raise registry.ConfigError(
+            "trainer.accumulate > 1 with model.norm=batch would normalise each micro-batch by "
+            "its own statistics, not the batch's; use model.norm=actnorm or trainer.accumulate=1")
+
+
+class DropoutStream:
+    """Dropout's masks from a random stream of this rank's own, as in any DDP trainer.
+
+    The objectives draw from torch's global generator in step on every rank (each keeps its
+    rows of the global batch's draws); dropout drawing from it too would give every rank the
+    same masks for different images. Around each training-mode forward pass of ``net`` the
+    device's generator is swapped for this stream, which each step seeds from (seed, rank,
+    step): nothing to checkpoint, and a resumed run draws the masks the uninterrupted one
+    drew. With dropout, N ranks are therefore not bit-equal to one process.
+    """
+
+    def __init__(self, net: nn.Module, seed: int, device: torch.device):
+        self.seed, self.device = seed, device
+        self.state: Tensor | None = None
+        self.saved: Tensor | None = None
+        net.register_forward_pre_hook(self._enter)
+        net.register_forward_hook(self._leave)
+
+    def start_step(self, step: int) -> None:
+        seed = derived_seed(self.seed, 2, distributed.rank(), step)
+        self.state = torch.Generator(self.device).manual_seed(seed).get_state()
+
+    def _get(self) -> Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _set(self, state: Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    def _enter(self, module: nn.Module, args) -> None:
+        if module.training and self.state is not None:
+            self.saved = self._get()
+            self._set(self.state)
+
+    def _leave(self, module: nn.Module, args, output) -> None:
+        if self.saved is not None:
+            self.state = self._get()
+            self._set(self.saved)
+            self.saved = None
+
+
+def initialize_from_data(run: Run, x: Tensor) -> None:
+    """Data-dependent initialisation (Glow's actnorm) from the first global batch, before the
+    first step: each rank passes its rows ``x`` and the layers reduce their statistics over
+    all of them, so N ranks initialise as one process. The EMA copy then starts from the
+    initialised weights, not from the placeholders before them."""
+    initialize = getattr(run.module, "initialize_from_data", None)
+    if initialize is None or not initialize(x):
+        return
+    if run.ema is not None:
+        run.ema.module.load_state_dict(run.module.state_dict())
 
 
 # ----------------------------------------------------------------------------- speed
@@ -393,9 +479,12 @@ def _autocast(run: Run):
     return torch.autocast(run.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def train_step(run: Run, x: Tensor) -> StepStats:
-    """One optimisation step on batch ``x`` (B, ...): loss (under autocast for bf16/fp16),
-    backward (scaled for fp16), clip, Adam, EMA.
+def train_step(run: Run, x: Tensor, rows: slice | None = None,
+               global_batch: int | None = None) -> StepStats:
+    """One optimisation step on batch ``x`` (B, ...), rows ``rows`` (default: all) of a global
+    batch of ``global_batch`` (default: ``len(x)``) when the other rows are other processes':
+    loss (under autocast for bf16/fp16), backward (scaled for fp16) in trainer.accumulate
+    micro-batches, clip, Adam, EMA.
 
     Nothing here waits for the device: the loss, the per-level losses, the gradient norm and
     the finiteness check accumulate in ``run.monitor``, read every ``log_every`` steps and
@@ -406,13 +495,12 @@ def train_step(run: Run, x: Tensor) -> StepStats:
         group["lr"] = lr
     if run.speed.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    with _autocast(run):
-        per_sample, labels = run.objective(run.net, x)
-    per_sample = per_sample.float()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.dropout is not None:
+        run.dropout.start_step(run.step)
+    per_sample, labels = _backward(run, x, rows or slice(0, len(x)), global_batch or len(x))
     loss = per_sample.mean()
     scaler = run.speed.scaler
-    run.optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
     scaler.unscale_(run.optimizer)
     grad_norm = _grad_norm(run)
     scaler.step(run.optimizer)            # fp16: skips a step with infinite gradients
@@ -420,9 +508,54 @@ def train_step(run: Run, x: Tensor) -> StepStats:
     if run.ema is not None:
         update_ema(run)
     run.step += 1
-    stats = StepStats(loss.detach(), per_sample.detach(), labels, grad_norm.detach(), lr)
+    stats = StepStats(loss.detach(), per_sample, labels, grad_norm.detach(), lr)
     run.monitor.record(run.step, stats, check_grad=not scaler.is_enabled())
     return stats
+
+
+def _backward(run: Run, x: Tensor, rows: slice, global_batch: int) -> tuple[Tensor, Tensor | None]:
+    """Gradients of the mean loss over ``x`` in trainer.accumulate micro-batches; returns the
+    per-sample losses (B,) and noise levels (B,) or None.
+
+    Each micro-batch draws its rows of the objective's draws for the global batch
+    (``ncsn.losses.batch_shard``), from the random state the step began with (set back
+    before each), and adds sum / len(x) of its losses to the gradients: the step equals one
+    pass over the whole batch. Under DDP, the gradients are averaged over the processes
+    once, with the last micro-batch (``no_sync`` before it).
+    """
+    k = run.cfg.trainer.accumulate
+    size = len(x) // k
+    start_state = _rng_state(run.device) if k > 1 else None
+    parts, part_labels = [], []
+    for m in range(k):
+        if m > 0:
+            _set_rng_state(run.device, start_state)
+        part = slice(m * size, (m + 1) * size)
+        part_rows = slice(rows.start + part.start, rows.start + part.stop)
+        last = m == k - 1
+        sync = nullcontext() if last or not isinstance(run.net, DistributedDataParallel) \
+            else run.net.no_sync()
+        with sync:
+            with losses.batch_shard(part_rows, global_batch), _autocast(run):
+                per_sample, labels = run.objective(run.net, x[part])
+            per_sample = per_sample.float()
+            run.speed.scaler.scale(per_sample.sum() / len(x)).backward()
+        parts.append(per_sample.detach())
+        part_labels.append(labels)
+    labels = torch.cat(part_labels) if part_labels[0] is not None else None
+    return torch.cat(parts), labels
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """torch's global random state: the CPU generator's, and the device's on CUDA."""
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def check_finite(run: Run) -> None:
@@ -810,22 +943,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
 def _loop(run: Run) -> Path:
     t = run.cfg.trainer
     logger = TrainLogger(run)
+    # This rank's rows of every global batch: it reads, decodes and transforms only those;
+    # the objectives draw their labels and noise for the global batch and keep the same rows
+    # (ncsn.losses.batch_shard).
+    rows = distributed.shard(t.batch_size)
     batches = training_batches(run.data, t.batch_size, run.data_generator, run.device,
                                num_workers=run.cfg.dataset.get("num_workers", 0),
                                on_device=t.data_on_device, seed=run.cfg.seed,
-                               start_batch=run.step)
+                               start_batch=run.step, rows=rows)
     bar = tqdm(total=t.n_steps, initial=run.step, desc="train", dynamic_ncols=True,
                disable=not (t.progress and sys.stderr.isatty() and distributed.is_main()))
-    # This rank's rows of every global batch; the objectives draw their labels and noise
-    # for the global batch and keep the same rows (ncsn.losses.batch_shard).
-    rows = distributed.shard(t.batch_size)
     vote = distributed.StopVote()
     path = None
     with _stop_on_signals(run) as previous_handlers, bar:
         while run.step < t.n_steps:
-            x = next(batches)[rows].to(run.device, non_blocking=True)
-            with losses.batch_shard(rows, t.batch_size):
-                stats = train_step(run, x)
+            x = next(batches).to(run.device, non_blocking=True)
+            if run.step == 0:
+                initialize_from_data(run, x)
+            stats = train_step(run, x, rows, t.batch_size)
             logger.update(stats)
             bar.update(1)
             bar.set_postfix(loss=f"{logger.last_loss:.4g}", refresh=False)

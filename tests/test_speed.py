@@ -87,11 +87,11 @@ def test_deferred_check_stops_a_nan_run_keeping_the_last_good_checkpoint(
     # the error names step 26 and its sigma, and last.pt stays the step-20 one.
     real = training.train_step
 
-    def poisoned(run, x):
+    def poisoned(run, x, *shard):
         if run.step == 25:
             x = x.clone()
             x[0, 0] = math.nan
-        return real(run, x)
+        return real(run, x, *shard)
     monkeypatch.setattr(training, "train_step", poisoned)
     cfg = compose_train(TINY + [f"trainer.log_every={log_every}"])
     with pytest.raises(training.NonFiniteLossError,

@@ -39,8 +39,8 @@ def test_run_interrupted_by_a_signal_resumes_to_the_same_weights(tmp_path, monke
     straight = training.train(compose_train(TINY + extra), tmp_path / "a")
     real = training.train_step
 
-    def signalled(run, x):
-        stats = real(run, x)
+    def signalled(run, x, *shard):
+        stats = real(run, x, *shard)
         if run.step == 25:
             run.stop_signal = signal.SIGTERM                      # as the handler would
         return stats
@@ -94,11 +94,11 @@ def test_nan_loss_stops_with_step_and_sigma_and_keeps_the_last_checkpoint(tmp_pa
     cfg = compose_train(TINY)
     real = training.train_step
 
-    def poisoned(run, x):
+    def poisoned(run, x, *shard):
         if run.step == 25:                                        # after the step-20 checkpoint
             x = x.clone()
             x[0, 0] = math.nan
-        return real(run, x)
+        return real(run, x, *shard)
     monkeypatch.setattr(training, "train_step", poisoned)
     with pytest.raises(training.NonFiniteLossError, match=r"loss became nan at step 26 at sigma \d"):
         training.train(cfg, tmp_path)

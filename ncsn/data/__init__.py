@@ -11,9 +11,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from omegaconf import DictConfig, OmegaConf
 
+from ncsn.data.order import global_batch_indices, item_seed
 from ncsn.data.toy import GaussianMixture, make_toy
 
 
@@ -37,99 +38,96 @@ def first_tensor(item) -> Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
 
 
-def replay_epochs(n: int, batch_size: int, generator: torch.Generator, start_batch: int) -> int:
-    """Bring a freshly seeded ``generator`` to where an epoch-wise sampler stood after
-    ``start_batch`` full batches of ``n`` samples, and return how many batches of the
-    current epoch were already drawn.
+class _SeededItems(Dataset):
+    """``dataset`` indexed by ``(index, seed)``: the item's random transforms (torchvision's
+    flips, the dequantization noise) draw from torch's CPU generator seeded with ``seed``
+    and leave it as it was, in the main process and in DataLoader workers alike."""
 
-    Each finished epoch drew two permutations from ``generator`` (RandomSampler's, and its
-    draw for the n % n = 0 remaining samples); the current one has drawn its first
-    permutation only if it has begun (the caller draws it again). A run resumed at any step
-    thus sees the batches, in order, that the run that never stopped saw.
-    """
-    epochs, offset = divmod(start_batch, n // batch_size)
-    for _ in range(2 * epochs):
-        torch.randperm(n, generator=generator)
-    return offset
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)        # the CPU generator only, not CUDA's
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
 
 
-class _ResumedRandomSampler(RandomSampler):
-    """RandomSampler whose first epoch starts ``skip`` samples into its permutation."""
+class _RankRows(Sampler):
+    """A batch sampler of this rank's rows of every global batch from step ``start`` on:
+    lists of ``(dataset index, item seed)``, forever (see :mod:`ncsn.data.order`)."""
 
-    def __init__(self, data_source, generator: torch.Generator, skip: int):
-        super().__init__(data_source, generator=generator)
-        self.skip = skip
+    def __init__(self, n: int, batch_size: int, seed: int, rows: slice, start: int = 0):
+        self.n, self.batch_size, self.seed, self.rows, self.start = n, batch_size, seed, rows, start
 
-    def __iter__(self):
-        order = super().__iter__()
-        for _ in range(self.skip):            # the permutation is drawn; skip what was used
-            next(order)
-        self.skip = 0
-        yield from order
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step = self.start
+        while True:
+            indices = global_batch_indices(self.n, self.batch_size, self.seed, step)
+            yield [(int(indices[j]), item_seed(self.seed, step, j, self.batch_size))
+                   for j in range(self.rows.start, self.rows.stop)]
+            step += 1
 
 
 def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator,
-                     num_workers: int = 0, start_batch: int = 0) -> Iterator[Tensor]:
-    """Random training batches forever, drawn with ``generator``.
+                     num_workers: int = 0, start_batch: int = 0, seed: int | None = None,
+                     rows: slice | None = None) -> Iterator[Tensor]:
+    """This process's ``rows`` (all by default) of random global training batches of
+    ``batch_size``, forever.
 
-    An in-memory ``TensorDataset`` is indexed directly (fast for 2-D data): each batch draws
-    from ``generator``, whose state is checkpointed, so a resumed run continues with it.
-    Any other dataset goes through a DataLoader with a random sampler that draws a
-    permutation per epoch: there ``generator`` must be freshly seeded, and a run resumed
-    after ``start_batch`` batches replays the permutations (not the images) to continue
-    mid-epoch where it stopped. The per-image random draws (flips, dequantization) come from
-    torch's global generator, which the checkpoint restores; with ``num_workers`` > 0 they
-    come from the workers' seeds instead and a resumed epoch differs in them.
+    An in-memory ``TensorDataset`` (2-D points) is indexed directly: each global batch
+    draws its indices with ``generator``, whose state is checkpointed, and keeps ``rows``.
+    Any other dataset goes through a DataLoader that reads, decodes and transforms only
+    ``rows`` of each global batch, in ``num_workers`` workers of this process: the global
+    order and each image's random transforms are functions of ``seed`` (by default
+    ``generator``'s initial seed), the step and the row (:mod:`ncsn.data.order`), so a run
+    resumed at step ``start_batch`` continues mid-epoch exactly, under any world size.
     """
+    rows = rows if rows is not None else slice(0, batch_size)
     if isinstance(dataset, TensorDataset):
         tensor = dataset.tensors[0]
         while True:
-            yield tensor[torch.randint(len(tensor), (batch_size,), generator=generator)]
-    offset = replay_epochs(len(dataset), batch_size, generator, start_batch)
-    sampler = _ResumedRandomSampler(dataset, generator, skip=offset * batch_size)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+            yield tensor[torch.randint(len(tensor), (batch_size,), generator=generator)[rows]]
+    seed = generator.initial_seed() if seed is None else seed
+    loader = DataLoader(_SeededItems(dataset),
+                        batch_sampler=_RankRows(len(dataset), batch_size, seed, rows, start_batch),
                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        persistent_workers=num_workers > 0,
-                        prefetch_factor=4 if num_workers > 0 else None)
-    epoch = iter(loader) if offset == 0 else _without_global_draws(lambda: iter(loader))
-    while True:
-        yield from (first_tensor(batch) for batch in epoch)
-        epoch = iter(loader)
-
-
-def _without_global_draws(make):
-    """``make()`` with torch's global generator left as it was: a DataLoader draws its
-    workers' base seed from it when an epoch begins, which a resumed epoch already did."""
-    state = torch.get_rng_state()
-    try:
-        return make()
-    finally:
-        torch.set_rng_state(state)
+                        prefetch_factor=4 if num_workers > 0 else None,
+                        # The workers' base seed from a generator of the loader's own: torch's
+                        # global one is the objectives' (the same on every rank).
+                        generator=torch.Generator().manual_seed(seed))
+    yield from (first_tensor(batch) for batch in loader)
 
 
 def training_batches(data: Data, batch_size: int, generator: torch.Generator,
                      device: torch.device | str = "cpu", num_workers: int = 0,
                      on_device: bool = True, seed: int | None = None,
-                     start_batch: int = 0) -> Iterator[Tensor]:
-    """The training loop's global batches: drawn on ``device`` from the uint8 pixels when the
-    dataset keeps them (``data.raw_train``) and ``on_device``, else by
-    :func:`infinite_batches` (DataLoader workers, pinned memory, prefetching). Both give the
-    same batches for the same seed (the loader without workers).
+                     start_batch: int = 0, rows: slice | None = None) -> Iterator[Tensor]:
+    """The training loop's batches: this rank's ``rows`` (all by default) of every global
+    batch of ``batch_size``. Drawn on ``device`` from the uint8 pixels when the dataset keeps
+    them (``data.raw_train``) and ``on_device``, else by :func:`infinite_batches`
+    (DataLoader workers, pinned memory, prefetching). Both give the same batches for the
+    same seed.
 
-    ``generator`` is the run's data generator as checkpointed; ``start_batch`` the batches
-    already drawn (the resumed step). The epoch-wise paths (images) reseed it with ``seed``
-    and replay the epochs' permutations, so a resumed run continues mid-epoch exactly.
+    ``generator`` is the run's data generator as checkpointed (2-D points draw from it);
+    images follow ``seed`` (default: ``generator``'s initial seed); ``start_batch`` is the
+    number of steps already taken (the resumed step).
     """
     if len(data.train) < batch_size:
         raise ValueError(f"trainer.batch_size={batch_size} is larger than the training split "
                          f"({len(data.train)} samples): full batches never come; lower it")
-    if not isinstance(data.train, TensorDataset) and seed is not None:
-        generator.manual_seed(seed)
+    seed = generator.initial_seed() if seed is None else seed
     if on_device and data.raw_train is not None:
         from ncsn.data.device import device_batches
-        return device_batches(data.raw_train, batch_size, generator, device, start_batch)
+        return device_batches(data.raw_train, batch_size, seed, device, start_batch, rows)
     return infinite_batches(data.train, batch_size, generator, num_workers=num_workers,
-                            start_batch=start_batch)
+                            start_batch=start_batch, seed=seed, rows=rows)
 
 
 def build_toy_data(cfg) -> Data:

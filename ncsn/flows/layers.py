@@ -8,10 +8,11 @@ and log |det dx/dy| (its negative at the same pair) for the inverse. Layers take
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ncsn import distributed
 
 
 def _zeros(x: Tensor) -> Tensor:
@@ -154,11 +155,14 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
+        """b and log s from ``x``'s statistics; in a distributed run, from the global batch's
+        (every rank's rows reduced), so that every replica starts alike, as one process."""
         per_channel = x.detach().transpose(0, 1).flatten(1)
-        std = per_channel.std(1, unbiased=False)
+        mean, var = distributed.global_moments(per_channel)
+        std = var.sqrt()
         if not bool((std > 0).all()):
             return
-        self.bias.copy_(-per_channel.mean(1))
+        self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(1.0)
 
@@ -202,11 +206,12 @@ class BatchNorm(nn.Module):
 
     def statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, var) (C,) used on ``x``: the batch's in training mode (updating the running
-        averages), the running averages otherwise."""
+        averages), the running averages otherwise. In a distributed run the batch is the
+        global one (synchronised over the ranks, as SyncBatchNorm), so N ranks train as one
+        process."""
         if not self.training:
             return self.running_mean, self.running_var
-        per_channel = x.transpose(0, 1).flatten(1)
-        mean, var = per_channel.mean(1), per_channel.var(1, unbiased=False)
+        mean, var = distributed.global_moments(x.transpose(0, 1).flatten(1))
         with torch.no_grad():
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)

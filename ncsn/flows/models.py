@@ -146,6 +146,26 @@ class Flow(nn.Module):
         z = prior_sample(n, self.dim, self.prior, temperature, generator, p.device, p.dtype)
         return self.inverse_map(z)[0]
 
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> bool:
+        """Glow's data-dependent initialisation (Sec. 3.1) of every actnorm layer that has
+        none yet, from batch ``x`` (B, *shape) (a distributed run's global batch: each rank
+        passes its rows, the layers reduce their statistics), before the first step. The
+        other layers pass ``x`` on in evaluation mode, so a batch-normalised flow's running
+        averages stay. Returns whether any layer was initialised."""
+        pending = [m for m in self.modules() if isinstance(m, ActNorm) and not m.initialized]
+        if not pending:
+            return False
+        modes = {m: m.training for m in self.modules()}
+        for m in self.modules():                 # not m.train(): it would set the children
+            m.training = m in pending
+        try:
+            self.forward_map(x)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        return True
+
     def score(self, x: Tensor) -> Tensor:
         """grad_x log p(x) (B, *shape) by autograd; differentiable again when grad is on (the
         score-matching objectives differentiate it with respect to x and the weights)."""
