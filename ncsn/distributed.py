@@ -137,6 +137,16 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` (picklable; tensors on the CPU) on rank 0, in rank order; None
+    on the other ranks. One process: ``[obj]``."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def exit_code(err: BaseException) -> int:
     """The status ``ncsn-train`` exits with for ``err`` (see ``ncsn.cli.common.run_cli``)."""
     from ncsn.checkpoint import CheckpointError
