@@ -269,7 +269,7 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
     sample_metrics = [m for m in metrics if METRICS[m].kind not in ("score", "likelihood")]
     scores = Scores(0)
     if sample_metrics:
-        scores = _score_samples(sampler, sample_metrics, draw, tools, reference)
+        scores = _draw_and_score(sampler, sample_metrics, draw, tools, reference)
     scores.source = {"ckpt": str(path) if path else None, "step": int(ckpt["step"]),
                      "dataset": name, "sampler": OmegaConf.to_container(sampler_cfg)}
     if sampler.nfe:
@@ -283,8 +283,8 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
     return scores
 
 
-def _score_samples(sampler, metrics: Sequence[str], draw: Draw, tools: Instruments,
-                   reference) -> Scores:
+def _draw_and_score(sampler, metrics: Sequence[str], draw: Draw, tools: Instruments,
+                    reference) -> Scores:
     """Draw and score ``draw.n_samples`` samples. Under torch.distributed each rank draws
     and measures its share (Inception features included); rank 0 adds the gathered
     measures in the samples' order, so its scores are one process's (the other ranks
