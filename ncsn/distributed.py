@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 import torch
 import torch.distributed as dist
 
-# A rank that waits longer than this in a collective (a peer that hangs, or rank 0 drawing
-# pictures while the others wait for the next step) fails instead of hanging forever.
+# A rank that waits longer than this in a collective (a peer that hangs, or one far slower
+# than the others over its share of the pictures) fails instead of hanging forever.
 TIMEOUT = timedelta(minutes=float(os.environ.get("NCSN_DIST_TIMEOUT_MIN", "30")))
 
 

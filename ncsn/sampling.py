@@ -54,7 +54,7 @@ def sample_seed(seed: int, index: int) -> int:
     """The generator seed of sample ``index`` of a run seeded ``seed``: a SplitMix64 hash of
     ``seed`` plus ``index``. Consecutive indices get consecutive seeds, so a run's samples
     never share a stream, even on the CPU, whose Mersenne Twister keeps 32 bits of a seed;
-    two seeds' runs overlap only by a chance of about n / 2^32."""
+    two seeds' runs of n samples share one only by a chance of about 2n / 2^32."""
     z = (seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % 2 ** 64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
@@ -74,9 +74,11 @@ class SampleNoise:
     its chain's start (:meth:`initial`), every later one a standard normal of the chain's
     noise (:meth:`randn_like`). Normals are drawn ahead, ``steps_ahead`` steps per call of
     each generator, into a buffer ``(B, K, *shape)``: a generator call per sample and step
-    would cost more than the network for small samples (scripts/bench_sample.py --seeds).
+    would cost more than the network for small samples (scripts/bench_sample_ranks.py --seeds).
 
-    ``seed``: the run's seed; ``indices``: the global indices of the batch's samples."""
+    ``seed``: the run's seed; ``indices``: the global indices of the batch's samples. A
+    stream depends on (seed, index, the sample's shape and dtype, the device type): CPU
+    and CUDA generators draw different numbers."""
 
     def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)

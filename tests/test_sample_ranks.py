@@ -33,6 +33,9 @@ from test_distributed import free_port
 
 register_eval_configs()
 WORKER_TIMEOUT = 180
+# DDP training that draws its pictures at step 3 and at the end, between its collectives
+TRAINED = TINY + ["trainer.n_steps=6", "trainer.ckpt_every=3", "trainer.batch_size=32",
+                  "trainer.sample_every=3", "trainer.n_plot_samples=6"]
 RANDOM = "eval.inception_random_init=true"
 
 
@@ -109,6 +112,7 @@ def _worker(rank, world, port, toy_ckpt, out_dir):
     cfg = compose_config("sample", [f"ckpt={toy_ckpt}", "n_samples=7", "batch_size=2",
                                     "device=cpu"])
     write_samples(load_checkpoint(toy_ckpt), None, cfg, out_dir / "points")
+    training.train(compose_train(TRAINED), out_dir / "trained")
     run = training.build_run(compose_train(TINY), out_dir / "run")
     results["pictures"] = training.draw_shared(run, 7, return_trajectory=True)
     results["fitted"] = _fitted_to_a_short_timeout(run)
@@ -179,6 +183,14 @@ def test_the_training_pictures_are_split_over_the_ranks(two_ranks, tmp_path):
     # ranks of 4 and 3 samples against one batch of 7: equal up to float round-off
     torch.testing.assert_close(gathered, samples, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gathered_trajectory, trajectory, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_training_draws_its_pictures_over_both_ranks(two_ranks, tmp_path):
+    out_dir, _ = two_ranks
+    one = training.train(compose_train(TRAINED), tmp_path)
+    pictures = sorted(p.name for p in (out_dir / "trained" / "pictures").iterdir())
+    assert pictures == sorted(p.name for p in (one.parent.parent / "pictures").iterdir())
+    assert "samples.png" in pictures and "trajectories.png" in pictures
 
 
 def test_picture_samples_that_would_pass_half_the_timeout_are_shrunk(two_ranks):
