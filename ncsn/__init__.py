@@ -7,6 +7,8 @@ Langevin samplers, usable from a notebook without Hydra.
     x = ncsn.annealed_langevin(net, x0, sigmas, step_lr=2e-5, n_steps_each=100)
     x = ncsn.heun(net, x0 * sigmas[0], ncsn.edm_sigmas(1.0, 0.01, 18))   # 35 evaluations
     ll = ncsn.log_likelihood(net, x, sigma_min=0.01, sigma_max=1.0)     # nats per sample
+    with ncsn.per_sample_noise(seed=0, indices=range(8)):    # chain i: its own generator
+        x = ncsn.annealed_langevin(net, x0, sigmas, step_lr=2e-5, n_steps_each=100)
 """
 from ncsn.data.toy import GaussianMixture, make_toy
 from ncsn.losses import (anneal_dsm, annealed, denoising_score_matching, score_matching,
@@ -16,7 +18,8 @@ from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_f
 from ncsn.image_sampling import inpaint, interpolate, make_mask
 from ncsn.likelihood import bits_per_dim, log_likelihood
 from ncsn.sampling import (CountingNet, annealed_langevin, edm_sigmas, heun, langevin,
-                           ncsnv2_step_lr, predictor_corrector, probability_flow)
+                           ncsnv2_step_lr, per_sample_noise, predictor_corrector,
+                           probability_flow)
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,7 @@ __all__ = [
     "geometric_sigmas", "largest_pairwise_distance", "num_scales_for",
     "langevin", "annealed_langevin", "ncsnv2_step_lr",
     "predictor_corrector", "probability_flow", "heun", "edm_sigmas", "CountingNet",
+    "per_sample_noise",
     "log_likelihood", "bits_per_dim",
     "inpaint", "interpolate", "make_mask",
 ]

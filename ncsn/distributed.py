@@ -21,8 +21,8 @@ from datetime import datetime, timedelta
 import torch
 import torch.distributed as dist
 
-# A rank that waits longer than this in a collective (a peer that hangs, or rank 0 drawing
-# pictures while the others wait for the next step) fails instead of hanging forever.
+# A rank that waits longer than this in a collective (a peer that hangs, or one far slower
+# than the others over its share of the pictures) fails instead of hanging forever.
 TIMEOUT = timedelta(minutes=float(os.environ.get("NCSN_DIST_TIMEOUT_MIN", "30")))
 
 
@@ -179,6 +179,16 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's ``obj`` (picklable; tensors on the CPU) on rank 0, in rank order; None
+    on the other ranks. One process: ``[obj]``."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
 
 
 def exit_code(err: BaseException) -> int:

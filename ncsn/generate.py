@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from ncsn import registry
+from ncsn import distributed, registry
 from ncsn.checkpoint import CheckpointError, load_checkpoint
 from ncsn.config import SCHEMAS
 from ncsn.data.images import IMAGE_DATASETS, image_config, model_space
 from ncsn.image_sampling import TrajectoryRecorder
-from ncsn.sampling import CountingNet
+from ncsn.sampling import CountingNet, per_sample_noise
 from ncsn.train import plain_ema_state, resolve_device
 
 
@@ -103,30 +103,71 @@ class CheckpointSampler:
 
     def batches(self, n_samples: int, batch_size: int | None = None, seed: int = 0,
                 recorder: TrajectoryRecorder | None = None, return_trajectory: bool = False,
-                progress: bool = False) -> Iterator:
+                progress: bool = False, on_rank: Callable | None = None) -> Iterator:
         """Yield data-space CPU batches, ``n_samples`` in all, or ``(samples, trajectory)``
         pairs with ``return_trajectory`` (the sampler's snapshots ``(K, B, ...)``, model
         space). Memory does not grow with ``n_samples``: each batch is handed over before
-        the next is drawn. ``recorder`` (annealed Langevin only) records the first batch."""
+        the next is drawn. ``recorder`` (annealed Langevin only) records the first batch.
+
+        Sample i (0 <= i < n_samples) is drawn from its own generator, seeded from ``seed``
+        and i (EDM's ``--seeds``; :func:`ncsn.sampling.per_sample_noise`): its start and
+        every noise of its chain, so the samples do not depend on ``batch_size`` or on the
+        number of ranks. Under torch.distributed the global batches are dealt out in rounds,
+        rank k drawing batch r N + k of round r; rank 0 gathers each round and yields every
+        batch in order, the other ranks yield nothing. ``on_rank`` maps each batch on the
+        rank that drew it, before the gather (the evaluation's Inception features)."""
         if recorder is not None and self.sampler_cfg.name != "annealed_langevin":
             raise registry.ConfigError(
                 f"recording the chain needs sampler=annealed_langevin (one frame per noise "
                 f"level), not sampler={self.sampler_cfg.name}")
-        torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
-        batch_size = batch_size or n_samples
-        for start in range(0, n_samples, batch_size):
-            x = self.initial(min(batch_size, n_samples - start), generator)
-            record = recorder if start == 0 else None
-            if record is not None:
-                record.start(x)
+        ranges = batch_ranges(n_samples, batch_size or n_samples)
+        show = progress and distributed.is_main()
+
+        def draw(b: int | None):
+            if b is None:
+                return None
+            out = self.draw(ranges[b], seed, recorder if b == 0 else None, return_trajectory,
+                            show)
+            return on_rank(out) if on_rank is not None else out
+        yield from gathered(draw(b) for b in rank_rounds(len(ranges)))
+
+    def draw(self, indices: range, seed: int = 0, recorder: TrajectoryRecorder | None = None,
+             return_trajectory: bool = False, progress: bool = False):
+        """Samples ``indices`` of ``seed``: data space ``(B, ...)`` on the CPU, or with the
+        trajectory ``(K, B, ...)`` in model space."""
+        with per_sample_noise(seed, indices, self.device):
+            x = self.initial(len(indices))
+            if recorder is not None:
+                recorder.start(x)
             out = self.run(x, return_trajectory=return_trajectory, progress=progress,
-                           **({"known": record} if record is not None else {}))
-            x, trajectory = out if return_trajectory else (out, None)
-            if record is not None:
-                record.finish(x)
-            samples = self.to_data(x.cpu())
-            yield (samples, trajectory) if return_trajectory else samples
+                           **({"known": recorder} if recorder is not None else {}))
+        x, trajectory = out if return_trajectory else (out, None)
+        if recorder is not None:
+            recorder.finish(x)
+        samples = self.to_data(x.cpu())
+        return (samples, trajectory) if return_trajectory else samples
+
+
+def batch_ranges(n: int, batch_size: int) -> list[range]:
+    """The global indices of each batch: ``[0, b), [b, 2b), ...`` up to ``n``."""
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def rank_rounds(n_batches: int) -> Iterator[int | None]:
+    """This rank's batch of each round: batch r N + k for rank k of N, None once they run
+    out (the last round's trailing ranks). One process: 0, 1, ..., n_batches - 1."""
+    n, k = distributed.world_size(), distributed.rank()
+    for first in range(0, n_batches, n):
+        yield first + k if first + k < n_batches else None
+
+
+def gathered(items: Iterable) -> Iterator:
+    """Rank 0: each round's items of every rank, in rank order (None: a rank without one);
+    the other ranks: nothing, after taking part in every round's gather."""
+    for mine in items:
+        for item in distributed.gather_to_main(mine) or []:
+            if item is not None:
+                yield item
 
 
 def load_sampler(ckpt: dict, sampler_cfg=None, use_ema: bool = True,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ncsn import registry, viz
+from ncsn import distributed, registry, viz
 from ncsn.data import first_tensor
 from ncsn.generate import CheckpointSampler, load_sampler
 from ncsn.image_io import SAVE_AS, load_images, save_gif, save_picture, save_strip, write_stream
@@ -42,6 +42,10 @@ def write_samples(ckpt: dict, sampler_cfg, cfg, out: Path) -> Path:
             "interpolate": write_interpolation}
     if cfg.mode not in jobs:
         raise registry.ConfigError(f"mode must be one of {', '.join(jobs)}, got {cfg.mode!r}")
+    if cfg.mode != "sample" and distributed.is_distributed():
+        raise registry.ConfigError(f"mode={cfg.mode} runs in one process, not over "
+                                   f"{distributed.world_size()} ranks: start it without "
+                                   f"torchrun or srun (mode=sample splits over ranks)")
     out.mkdir(parents=True, exist_ok=True)
     sampler = load_sampler(ckpt, sampler_cfg, cfg.use_ema, cfg.device)
     if not sampler.is_image:
@@ -59,9 +63,12 @@ def write_samples(ckpt: dict, sampler_cfg, cfg, out: Path) -> Path:
 
 def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     """``samples.npz`` and pictures of a point (e.g. 2-D) checkpoint."""
+    batches = sampler.batches(cfg.n_samples, cfg.batch_size, cfg.seed,
+                              return_trajectory=True, progress=True)
+    if not distributed.is_main():
+        return drain(batches)
     samples, trajectory = [], None
-    for x, traj in sampler.batches(cfg.n_samples, cfg.batch_size, cfg.seed,
-                                   return_trajectory=True, progress=True):
+    for x, traj in batches:
         samples.append(x)
         trajectory = traj if trajectory is None else trajectory
     samples = torch.cat(samples)
@@ -75,6 +82,12 @@ def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
                             out / "trajectory.png")
     log.info("wrote %d samples to %s", len(samples), out / "samples.npz")
     return out / "samples.npz"
+
+
+def drain(batches) -> None:
+    """A rank other than 0 draws its share of ``batches`` (rank 0 gathers and writes)."""
+    for _ in batches:
+        pass
 
 
 INPAINTING_SAMPLERS = ("annealed_langevin", "pc", "ode", "heun")
@@ -123,6 +136,8 @@ def write_images(sampler: CheckpointSampler, cfg, out: Path) -> Path:
                                       cfg.trajectory_every)
     batches = sampler.batches(cfg.n_samples, cfg.batch_size or IMAGE_BATCH_SIZE, cfg.seed,
                               recorder=recorder, progress=True)
+    if not distributed.is_main():
+        return drain(batches)
     grid = write_stream(batches, out, cfg.save_as, cfg.n_samples, keep=cfg.grid_size)
     save_picture(grid, out / "samples.png")
     if recorder is not None:

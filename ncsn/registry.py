@@ -19,8 +19,8 @@ from ncsn.nets.ncsn import NCSN
 from ncsn.nets.ncsnv2 import NCSNv2
 from ncsn.nets.unet import UNet
 from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for, sigma_index
-from ncsn.sampling import (annealed_langevin, edm_sigmas, heun, langevin, predictor_corrector,
-                           probability_flow, table_subset)
+from ncsn.sampling import (annealed_langevin, edm_sigmas, heun, initial_draw, langevin,
+                           predictor_corrector, probability_flow, table_subset)
 
 
 class ConfigError(ValueError):
@@ -290,14 +290,16 @@ Sampler = Callable[..., Tensor]
 
 
 def initial_samples(cfg, n: int, shape, sigmas: Tensor, device, generator=None) -> Tensor:
-    """The chain's starting points: N(0, init_std^2) (init_std null: sigma_begin, the
-    largest noise level's spread) or uniform on [init_low, init_high]."""
+    """The chain's starting points ``(n, *shape)``: N(0, init_std^2) (init_std null:
+    sigma_begin, the largest noise level's spread) or uniform on [init_low, init_high].
+    Drawn from ``generator``, or per sample inside :func:`ncsn.sampling.per_sample_noise`."""
     size = (n, *shape)
     if cfg.init == "gaussian":
         std = cfg.init_std if cfg.init_std is not None else float(sigmas[0])
-        return std * torch.randn(size, generator=generator).to(device)
+        return std * initial_draw(size, generator=generator).to(device)
     if cfg.init == "uniform":
-        return (cfg.init_low + (cfg.init_high - cfg.init_low) * torch.rand(size, generator=generator)).to(device)
+        u = initial_draw(size, uniform=True, generator=generator)
+        return (cfg.init_low + (cfg.init_high - cfg.init_low) * u).to(device)
     raise ConfigError(f"sampler.init must be 'gaussian' or 'uniform', got {cfg.init!r}")
 
 

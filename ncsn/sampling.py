@@ -25,7 +25,9 @@ is dx/dsigma = (x - D(x; sigma)) / sigma (EDM, eq. 4 with s(t) = 1, sigma(t) = t
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +40,125 @@ ScoreNet = Callable[[Tensor, Tensor], Tensor]
 Known = Callable[[Tensor, Tensor], Tensor]     # known(x, sigma) -> x, sigma a 0-d tensor
 
 
+# ----------------------------------------------------------------------------- per-sample noise
+# Every random number of a chain comes from `randn_like` (and its start from `initial_draw`).
+# Inside `per_sample_noise`, row j of a batch draws from sample j's own generator, seeded from
+# the run's seed and the sample's global index (EDM's generate.py `--seeds` and its
+# StackedRandomGenerator), so a sample does not depend on the batch size, the batch it is in
+# or the number of ranks. Outside, they are torch's global generator (torch.manual_seed).
+NOISE_FLOATS_PER_SAMPLE = 4096      # the draw-ahead buffer per sample: 16 KB of float32
+MAX_STEPS_AHEAD = 256
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The generator seed of sample ``index`` of a run seeded ``seed``: a SplitMix64 hash of
+    ``seed`` plus ``index``. Consecutive indices get consecutive seeds, so a run's samples
+    never share a stream, even on the CPU, whose Mersenne Twister keeps 32 bits of a seed;
+    two seeds' runs of n samples share one only by a chance of about 2n / 2^32."""
+    z = (seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15) % 2 ** 64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+    return ((z ^ (z >> 31)) + index) % 2 ** 63
+
+
+def steps_ahead(row_numel: int) -> int:
+    """How many draws of one sample's noise ``(*shape)`` are made in one call of its
+    generator: a function of the sample's size alone, so the stream is too. Small samples
+    (2-D points, 8x8 digits) draw 64 to 256 steps at once, images of 4096 values or more
+    one step at a time (there one call is already large)."""
+    return max(1, min(MAX_STEPS_AHEAD, NOISE_FLOATS_PER_SAMPLE // max(1, row_numel)))
+
+
+class SampleNoise:
+    """One generator per sample (EDM's StackedRandomGenerator): the first draw of each is
+    its chain's start (:meth:`initial`), every later one a standard normal of the chain's
+    noise (:meth:`randn_like`). Normals are drawn ahead, ``steps_ahead`` steps per call of
+    each generator, into a buffer ``(B, K, *shape)``: a generator call per sample and step
+    would cost more than the network for small samples (scripts/bench_sample_ranks.py --seeds).
+
+    ``seed``: the run's seed; ``indices``: the global indices of the batch's samples. A
+    stream depends on (seed, index, the sample's shape and dtype, the device type): CPU
+    and CUDA generators draw different numbers."""
+
+    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(sample_seed(seed, int(i)))
+                           for i in indices]
+        self.buffer: Tensor | None = None                 # (B, K, *shape)
+        self.used = 0
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _check(self, size: Sequence[int]) -> None:
+        if size[0] != len(self):
+            raise ValueError(f"a draw for {size[0]} samples from the generators of {len(self)}")
+
+    def initial(self, size: Sequence[int], uniform: bool = False,
+                dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(B, *shape)``: each sample's first draw, N(0, I), or U[0, 1) with ``uniform``."""
+        self._check(size)
+        if self.buffer is not None:
+            raise RuntimeError("a chain's start is its generator's first draw")
+        draw = torch.rand if uniform else torch.randn
+        out = torch.empty(tuple(size), dtype=dtype, device=self.device)
+        for row, g in zip(out, self.generators):
+            draw(row.shape, generator=g, dtype=dtype, device=self.device, out=row)
+        return out
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normals shaped as ``x`` ``(B, *shape)``, row j from sample j's stream."""
+        self._check(x.shape)
+        if self.buffer is None or self.used == self.buffer.shape[1]:
+            self._refill(tuple(x.shape[1:]), x.dtype)
+        elif self.buffer.shape[2:] != x.shape[1:] or self.buffer.dtype != x.dtype:
+            raise ValueError(f"per-sample noise of shape {tuple(self.buffer.shape[2:])} "
+                             f"{self.buffer.dtype}, asked for {tuple(x.shape[1:])} {x.dtype}")
+        self.used += 1
+        return self.buffer[:, self.used - 1].to(x.device)
+
+    def _refill(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        k = steps_ahead(math.prod(shape))
+        self.buffer = torch.empty(len(self), k, *shape, dtype=dtype, device=self.device)
+        for row, g in zip(self.buffer, self.generators):
+            torch.randn(row.shape, generator=g, dtype=dtype, device=self.device, out=row)
+        self.used = 0
+
+
+_NOISE: ContextVar[SampleNoise | None] = ContextVar("ncsn_sample_noise", default=None)
+
+
+@contextmanager
+def per_sample_noise(seed: int, indices: Sequence[int], device: torch.device | str = "cpu"):
+    """Chains started and run inside draw every random number of sample j from the generator
+    of sample ``indices[j]`` of ``seed`` (:class:`SampleNoise`). Yields it."""
+    noise = SampleNoise(seed, indices, device)
+    token = _NOISE.set(noise)
+    try:
+        yield noise
+    finally:
+        _NOISE.reset(token)
+
+
+def randn_like(x: Tensor) -> Tensor:
+    """The samplers' noise: N(0, I) shaped as ``x`` ``(B, ...)``, per sample inside
+    :func:`per_sample_noise`, from torch's global generator outside."""
+    noise = _NOISE.get()
+    return torch.randn_like(x) if noise is None else noise.randn_like(x)
+
+
+def initial_draw(size: Sequence[int], uniform: bool = False,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """A chain's start before scaling: N(0, I) (or U[0, 1) with ``uniform``) of ``size``
+    ``(B, ...)`` on the CPU from ``generator``; inside :func:`per_sample_noise` each
+    sample's first draw instead (on the generators' device)."""
+    noise = _NOISE.get()
+    if noise is not None:
+        return noise.initial(size, uniform)
+    draw = torch.rand if uniform else torch.randn
+    return draw(tuple(size), generator=generator)
+
+
 def quiet(progress: bool) -> bool | None:
     """tqdm's ``disable``: off when not asked for; when asked, shown on a terminal only."""
     return None if progress else True
@@ -48,7 +169,7 @@ def langevin_step(score: Tensor, x: Tensor, step_size: float | Tensor) -> Tensor
     drawn after the score is computed, as in NCSNv2's code (the NCSN paper's form:
     x + (eps/2) s(x) + sqrt(eps) z, eps = 2a). ``score`` and ``x``: ``(B, ...)``."""
     a = torch.as_tensor(step_size, dtype=x.dtype, device=x.device)
-    return x + a * score + torch.randn_like(x) * (2 * a).sqrt()
+    return x + a * score + randn_like(x) * (2 * a).sqrt()
 
 
 @torch.no_grad()
@@ -233,7 +354,7 @@ def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0
         for _ in range(n_corrector_steps):
             x = _apply(known, x, sigma)
             score = net(x, _batch(sigma, x))
-            z = torch.randn_like(x)
+            z = randn_like(x)
             a = 2 * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
             x = x + a * score + (2 * a).sqrt() * z
         x = _apply(known, x, sigma)
@@ -242,7 +363,7 @@ def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0
         else:
             h = em_scale * sigma ** 2
         x_mean = x + h * net(x, _batch(sigma, x))
-        x = x_mean + h.sqrt() * torch.randn_like(x)
+        x = x_mean + h.sqrt() * randn_like(x)
         bar.update(n_corrector_steps + 1)
         if return_trajectory:
             trajectory.append((x_mean if denoise and sigma_next == 0 else x).cpu())
@@ -334,7 +455,7 @@ def heun(net: ScoreNet, x: Tensor, sigmas: Tensor, S_churn: float = 0.0, S_tmin:
         gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= float(sigma) <= S_tmax else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma > 0:
-            x = x + (sigma_hat ** 2 - sigma ** 2).sqrt() * S_noise * torch.randn_like(x)
+            x = x + (sigma_hat ** 2 - sigma ** 2).sqrt() * S_noise * randn_like(x)
         x = _apply(known, x, sigma_hat)
         d = slope(x, sigma_hat)
         x_next = x + (sigma_next - sigma_hat) * d

@@ -30,6 +30,7 @@ from ncsn.checkpoint import (CheckpointError, best_held_out_loss, load_checkpoin
 from ncsn.data import Data, first_tensor, training_batches
 from ncsn.data.order import derived_seed
 from ncsn.image_io import enlarge
+from ncsn.sampling import per_sample_noise
 
 log = logging.getLogger(__name__)
 
@@ -696,18 +697,50 @@ def test_loss(run: Run, max_batches: int = 10) -> float | None:
 
 
 def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 0,
-                 progress: bool = False):
-    """``n`` samples with the sampling (EMA) weights, from the configured sampler, the network
-    under the run's autocast (its output back in the chain's dtype)."""
-    g = torch.Generator().manual_seed(seed)
-    x = registry.initial_samples(run.cfg.sampler, n, run.data.shape, run.sigmas, run.device, g)
+                 progress: bool = False, indices: range | None = None):
+    """Samples ``indices`` (default: all) of ``n`` with the sampling (EMA) weights, from the
+    configured sampler, the network under the run's autocast (its output back in the
+    chain's dtype): ``(B, *shape)`` model space, with ``return_trajectory`` also
+    ``(K, B, *shape)``. Sample i is drawn from its own generator, seeded from ``seed`` and
+    i (EDM's ``--seeds``), so a rank drawing some of them gets one process's samples."""
+    indices = range(n) if indices is None else indices
     net = run.sampling_net
 
     def score(y: Tensor, sigma: Tensor | None) -> Tensor:
         with _autocast(run):
             return net(y, sigma).to(y.dtype)
-    with evaluating(net):
+    with evaluating(net), per_sample_noise(seed, indices, run.device):
+        x = registry.initial_samples(run.cfg.sampler, len(indices), run.data.shape,
+                                     run.sigmas, run.device)
         return run.sampler(score, x, return_trajectory=return_trajectory, progress=progress)
+
+
+def rank_share(n: int) -> range:
+    """This rank's contiguous part of ``n`` samples: the first ``n mod N`` of N ranks draw
+    one more than the others; all of them in one process."""
+    size, extra = divmod(n, distributed.world_size())
+    k = distributed.rank()
+    start = k * size + min(k, extra)
+    return range(start, start + size + (k < extra))
+
+
+def draw_shared(run: Run, n: int, return_trajectory: bool = False, progress: bool = False):
+    """:func:`draw_samples` of ``n`` split over the ranks (:func:`rank_share`); rank 0
+    gathers every rank's share and returns one process's result on the CPU, the other
+    ranks return None."""
+    mine = rank_share(n)
+    out = None
+    if len(mine) > 0:
+        out = draw_samples(run, n, return_trajectory, progress=progress and distributed.is_main(),
+                           indices=mine)
+        out = tuple(t.cpu() for t in out) if return_trajectory else out.cpu()
+    parts = distributed.gather_to_main(out)
+    if parts is None:
+        return None
+    parts = [p for p in parts if p is not None]
+    if not return_trajectory:
+        return torch.cat(parts)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1)
 
 
 def network_evaluations(sampler_cfg, n_levels: int) -> int | None:
@@ -738,19 +771,52 @@ def seconds_per_evaluation(run: Run, n: int) -> float:
     return time.perf_counter() - start
 
 
-def log_sampling_cost(run: Run, n: int) -> None:
-    """Log what drawing ``n`` samples will cost before it starts: the sampler's network
-    evaluations and a time estimate from timing one of them."""
+def log_sampling_cost(run: Run, n: int) -> float | None:
+    """Log what drawing ``n`` samples in one batch will cost before it starts: the
+    sampler's network evaluations and a time estimate from timing one of them, returned in
+    seconds (None for the ODE sampler, whose solver picks its steps)."""
     nfe = network_evaluations(run.cfg.sampler, len(run.sigmas))
     if nfe is None:
         log.info("step %d: sampling %d samples with %s: the solver picks the number of "
                  "network evaluations", run.step, n, run.cfg.sampler.name)
-        return
+        return None
     seconds = seconds_per_evaluation(run, n)
     log.info("step %d: sampling %d samples with %s: %d network evaluations of a batch of %d; "
              "one takes %.3g s, so about %s (trainer.n_plot_samples and the sampler's "
              "settings set this)", run.step, n, run.cfg.sampler.name, nfe, n, seconds,
              _duration(nfe * seconds))
+    return nfe * seconds
+
+
+def samples_within_timeout(run: Run, n: int) -> int:
+    """How many of ``n`` picture samples to draw: all of them in one process. Over N ranks,
+    where each draws about n / N of them and the others wait for the slowest in the
+    gather, rank 0 times its share and shrinks it (to none: no pictures) until it takes
+    at most half of the process group's timeout, with a warning; the ranks agree on its
+    answer. Half: a rank twice as slow as rank 0 still keeps the others' wait within it."""
+    if not distributed.is_distributed():
+        log_sampling_cost(run, n)
+        return n
+    fitted = _fit_share(run, n) if distributed.is_main() else None
+    return distributed.broadcast_object(fitted)
+
+
+def _fit_share(run: Run, n: int) -> int:
+    world, limit = distributed.world_size(), distributed.TIMEOUT.total_seconds() / 2
+    share = len(rank_share(n))
+    seconds = log_sampling_cost(run, share)
+    estimate = seconds
+    while share > 0 and estimate is not None and estimate > limit:
+        share = min(share - 1, int(share * limit / estimate))
+        estimate = log_sampling_cost(run, share) if share > 0 else 0.0
+    fitted = min(n, share * world)
+    if fitted < n:
+        log.warning("step %d: drawing %d picture samples would take about %s on each of %d "
+                    "ranks, more than half the process group's timeout (%s); drawing %d "
+                    "instead. Lower trainer.n_plot_samples or the sampler's steps, or raise "
+                    "NCSN_DIST_TIMEOUT_MIN", run.step, n, _duration(seconds), world,
+                    _duration(2 * limit), fitted)
+    return fitted
 
 
 def _duration(seconds: float) -> str:
@@ -782,24 +848,29 @@ def _isolated_rng(device: torch.device):
 def report(run: Run) -> None:
     """Held-out loss (``best.pt`` kept when it is the lowest, with trainer.keep_best) and
     pictures (2-D: score field, samples over data, trajectories; images: a grid of
-    samples), saved under ``pictures/`` and to TensorBoard."""
-    with _isolated_rng(run.device):
-        loss = test_loss(run)
-    if loss is not None:
-        split = held_out_name(run.cfg.dataset)
-        run.writer.add_scalar(f"{split}/loss", loss, run.step)
-        log.info("step %d: %s loss %.5g", run.step, split, loss)
-        keep_if_best(run, loss)
+    samples), saved under ``pictures/`` and to TensorBoard. Every rank calls it: rank 0
+    scores the held-out loss, every rank draws its share of the pictures' samples
+    (:func:`draw_shared`), rank 0 gathers them and draws the pictures."""
+    if distributed.is_main():
+        with _isolated_rng(run.device):
+            loss = test_loss(run)
+        if loss is not None:
+            split = held_out_name(run.cfg.dataset)
+            run.writer.add_scalar(f"{split}/loss", loss, run.step)
+            log.info("step %d: %s loss %.5g", run.step, split, loss)
+            keep_if_best(run, loss)
     with _isolated_rng(run.device):
         n = run.cfg.trainer.n_plot_samples
+        n = samples_within_timeout(run, n) if n > 0 else 0
         if n <= 0:
             return
         points = run.data.kind == "points" and run.data.shape == (2,)
         # Trajectories only for 2-D pictures: for images they would hold every level's batch.
-        log_sampling_cost(run, n)
-        out = draw_samples(run, n, return_trajectory=points, progress=run.cfg.trainer.progress)
+        out = draw_shared(run, n, return_trajectory=points, progress=run.cfg.trainer.progress)
+        if out is None:
+            return
         samples, trajectory = out if points else (out, None)
-        samples = run.data.to_data_space(samples.cpu())
+        samples = run.data.to_data_space(samples)
         if points:
             _report_points(run, samples, trajectory)
         elif run.data.kind == "images":
@@ -969,12 +1040,10 @@ def _loop(run: Run) -> Path:
                 raise _stop(run, signum, previous_handlers.get(signum))
             if run.step % t.ckpt_every == 0 or run.step == t.n_steps:
                 path = save(run)
-            if (t.sample_every > 0 and run.step % t.sample_every == 0 and run.step != t.n_steps
-                    and distributed.is_main()):
+            if t.sample_every > 0 and run.step % t.sample_every == 0 and run.step != t.n_steps:
                 report(run)
     vote.close()
     path = path or save(run)
-    if distributed.is_main():
-        report(run)
+    report(run)
     log.info("done: %d steps; final checkpoint %s", run.step, path.parent / "last.pt")
     return path.parent / "last.pt"

@@ -92,6 +92,18 @@ def _run_then_leave(job: Callable[[], object], shutdown: Callable[[], None]) -> 
         shutdown()
 
 
+def run_over_ranks(hydra_main: Callable[[], None]) -> None:
+    """Call a Hydra entry point as one of the ranks of torchrun or a SLURM step, or alone.
+    The ranks join before Hydra composes, so that they agree on one output folder (rank 0's
+    clock), and only rank 0 writes Hydra's own files and log in it (as ``ncsn-train``)."""
+    from ncsn import distributed
+
+    if distributed.init_distributed() and not distributed.is_main():
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    with distributed.rank_zero_clock():
+        hydra_main()
+
+
 def print_help(prog: str, config_name: str, summary: str, argv: list[str],
                groups: tuple[str, ...] | None = None) -> None:
     """``--help``: the config groups with their options (the user-facing ones, not the

@@ -9,7 +9,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import check_keys, print_help, run_cli, sampler_overrides
+from ncsn.cli.common import (check_keys, print_help, run_cli, run_over_ranks,
+                             sampler_overrides)
 from ncsn.config import config_dir, register_configs
 from ncsn.eval_config import register_eval_configs
 
@@ -42,7 +43,7 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-eval", "eval", SUMMARY, sys.argv[1:], groups=("dataset", "sampler"))
         return
-    _main()
+    run_over_ranks(_main)
 
 
 if __name__ == "__main__":

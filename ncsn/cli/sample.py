@@ -10,7 +10,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ncsn.cli.common import check_keys, print_help, run_cli, sampler_overrides
+from ncsn.cli.common import (check_keys, print_help, run_cli, run_over_ranks,
+                             sampler_overrides)
 from ncsn.config import config_dir, register_configs
 
 register_configs()
@@ -40,7 +41,7 @@ def main() -> None:
                    "ncsn-sample ckpt=RUN/checkpoints/last.pt out=DIR n_samples=5000",
                    sys.argv[1:], groups=("sampler",))
         return
-    _main()
+    run_over_ranks(_main)
 
 
 if __name__ == "__main__":

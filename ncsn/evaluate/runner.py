@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ncsn import distributed
 from ncsn.checkpoint import load_checkpoint
 from ncsn.evaluate.files import SampleFiles
 from ncsn.evaluate.multirun import format_sweep_table, sweep_table, write_sweep_table
@@ -27,6 +28,10 @@ def run(cfg, out_dir: str | Path, sampler_overrides: dict | None = None,
     the results, writes them to ``out_dir`` and returns what metrics.json holds."""
     options = as_options(cfg.eval)
     if cfg.mode == "stats":
+        if distributed.is_distributed():
+            raise ConfigError(f"the stats sub-command runs in one process, not over "
+                              f"{distributed.world_size()} ranks: start it without torchrun "
+                              f"or srun")
         return run_stats(cfg, out_dir, options)
     if cfg.mode != "score":
         raise ConfigError(f"mode must be score or stats, got {cfg.mode!r}")
@@ -35,6 +40,11 @@ def run(cfg, out_dir: str | Path, sampler_overrides: dict | None = None,
         raise ConfigError("give one of ckpt=PATH, samples=DIR_OR_NPZ, run=RUN_DIR or "
                           f"sweep=MULTIRUN_DIR (got {', '.join(given) or 'none'}); or "
                           "ncsn-eval stats dataset=NAME")
+    if distributed.is_distributed() and cfg.get("ckpt") is None and cfg.get("run") is None:
+        raise ConfigError(f"{given[0]}= is scored in "
+                          f"one process, not over {distributed.world_size()} ranks: start "
+                          f"it without torchrun or srun (ckpt= and run= split their "
+                          f"sampling over ranks)")
     if cfg.get("sweep") is not None:
         return _multirun(cfg.sweep, Path(out_dir))
     draw = Draw(cfg.n_samples, cfg.batch_size, cfg.seed, dict(sampler_overrides or {}),
@@ -60,6 +70,8 @@ def _multirun(multirun_dir: str, out_dir: Path) -> dict:
 
 
 def _report(scores: Scores, out_dir: Path) -> dict:
+    if not distributed.is_main():
+        return scores.to_json()
     print(format_table(scores), flush=True)
     write_scores(scores, out_dir)
     print(f"wrote {out_dir / 'metrics.json'}", flush=True)
@@ -75,6 +87,8 @@ def _sweep(cfg, options: EvalOptions, draw: Draw, out_dir: Path) -> dict:
     for path in paths:
         log.info("scoring %s", path)
         results.append(score_checkpoint(load_checkpoint(path), metrics, draw, tools, path))
+    if not distributed.is_main():
+        return {}
     summary = write_sweep(results, metrics, out_dir)
     print(format_sweep(results, summary), flush=True)
     print(f"wrote {out_dir / 'sweep.csv'}, {out_dir / 'sweep.png'}", flush=True)
@@ -88,9 +102,13 @@ def _prepare(cfg, options: EvalOptions, ckpt: dict) -> tuple[Instruments, list[s
     tools = Instruments.build(metrics, options, cfg.device)
     if {"fid", "kid"} & set(metrics):
         dataset_cfg = cfg.dataset if cfg.dataset is not None else ckpt["config"]["dataset"]
-        tools.reference = inception_reference(tools.inception, options, metrics,
-                                              cfg.ref_stats, dataset_cfg,
-                                              cfg.split, cfg.max_images, cfg.batch_size)
+        # Rank 0 alone scores, so it alone needs (and may compute and cache) the reference;
+        # the others wait for it here, and stop with its message if it fails.
+        with distributed.all_or_none():
+            if distributed.is_main():
+                tools.reference = inception_reference(tools.inception, options, metrics,
+                                                      cfg.ref_stats, dataset_cfg, cfg.split,
+                                                      cfg.max_images, cfg.batch_size)
     return tools, metrics
 
 

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from ncsn import registry
+from ncsn import distributed, registry
 from ncsn.checkpoint import STEP_FILE, CheckpointError
 from ncsn.evaluate.nll import score_nll
 from ncsn.evaluate.options import FID_SAMPLES, METRICS, EvalOptions, as_dict, progress
 from ncsn.evaluate.reference import Reference
-from ncsn.evaluate.streams import ImageScorer
+from ncsn.evaluate.streams import ImageScorer, count_non_finite
 from ncsn.metrics import (energy_distance, fid_inception_v3, frechet_distance, kid,
                           load_digits_classifier, score_error, sliced_wasserstein)
 from ncsn.metrics.digits import digits_metrics
@@ -86,32 +86,80 @@ class Scores:
                 **self.details, "notes": self.notes}
 
 
+@dataclass
+class Measured:
+    """What one batch of samples adds to the scores, computed on the rank that drew it and
+    small enough to gather: its size, the Inception features and logits of each chunk, its
+    count of non-finite samples, and the samples themselves for digits (B, 1, 8, 8) and
+    points (B, d)."""
+
+    n: int
+    inception: list = field(default_factory=list)     # [(feats (b, 2048), logits (b, 1008))]
+    non_finite: int = 0
+    kept: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SampleScorer:
+    """Scores ``n_total`` samples in one pass: :meth:`measure` each batch (on any rank),
+    :meth:`add` the measures in the samples' order (on one), then :meth:`scores`. Images
+    (B, C, H, W) in [0, 1] for fid, is, kid and digits; points (B, d) for swd and energy
+    against ``reference_points``, a callable n -> (n, d) tensor of fresh data. Built on
+    every rank before any sampling, so that a bad setting fails everywhere at once."""
+
+    def __init__(self, metrics: Sequence[str], tools: Instruments, n_total: int,
+                 reference_points=None, seed: int = 0):
+        self.metrics, self.tools, self.seed = list(metrics), tools, seed
+        self.reference_points = reference_points
+        self.inception = [m for m in metrics if METRICS[m].kind == "inception"]
+        self.image_scorer = ImageScorer(tools.inception, self.inception, tools.options,
+                                        n_total, seed) if self.inception else None
+        self.kept: list[Tensor] = []          # points, or 8x8 digits: small enough to hold
+        self.n = 0
+
+    def measure(self, batch: Tensor) -> Measured:
+        """A batch's part of the scores; its tensors on the CPU when the ranks gather them."""
+        out = Measured(len(batch))
+        if self.image_scorer is not None:
+            out.inception = self.image_scorer.embed(batch)
+            out.non_finite = count_non_finite(batch)
+            if distributed.is_distributed():
+                out.inception = [(f.cpu(), logits.cpu()) for f, logits in out.inception]
+        if "digits" in self.metrics:
+            out.kept = _as_digits(batch)
+        elif batch.ndim == 2:
+            out.kept = batch.double()
+        return out
+
+    def add(self, measured: Measured) -> None:
+        self.n += measured.n
+        if self.image_scorer is not None:
+            self.image_scorer.add(measured.inception, measured.non_finite)
+        if measured.kept is not None:
+            self.kept.append(measured.kept)
+
+    def scores(self) -> Scores:
+        scores = Scores(self.n)
+        if self.image_scorer is not None:
+            _inception_scores(self.image_scorer, self.inception, self.tools, scores)
+        if "digits" in self.metrics:
+            _digits_scores(torch.cat(self.kept), self.tools, scores)
+        if any(METRICS[m].kind == "points" for m in self.metrics):
+            _point_scores(torch.cat(self.kept), self.metrics, self.tools,
+                          self.reference_points, self.seed, scores)
+        return scores
+
+
 def score_stream(batches: Iterable[Tensor], n_total: int, metrics: Sequence[str],
                  tools: Instruments, reference_points=None, seed: int = 0) -> Scores:
-    """Score ``n_total`` samples arriving in batches: images (B, C, H, W) in [0, 1] for fid,
-    is, kid and digits; points (B, d) for swd and energy against ``reference_points``, a
-    callable n -> (n, d) tensor of fresh data."""
-    inception = [m for m in metrics if METRICS[m].kind == "inception"]
-    scorer = ImageScorer(tools.inception, inception, tools.options, n_total, seed) \
-        if inception else None
-    kept: list[Tensor] = []                   # points, or 8x8 digits: small enough to hold
-    n = 0
-    for batch in progress(batches, n_total, "scoring", tools.options):
-        n += len(batch)
-        if scorer is not None:
-            scorer.update(batch)
-        if "digits" in metrics:
-            kept.append(_as_digits(batch))
-        elif batch.ndim == 2:
-            kept.append(batch.double())
-    scores = Scores(n)
-    if scorer is not None:
-        _inception_scores(scorer, inception, tools, scores)
-    if "digits" in metrics:
-        _digits_scores(torch.cat(kept), tools, scores)
-    if any(METRICS[m].kind == "points" for m in metrics):
-        _point_scores(torch.cat(kept), metrics, tools, reference_points, seed, scores)
-    return scores
+    """Score ``n_total`` samples arriving in batches in this process (see
+    :class:`SampleScorer`)."""
+    scorer = SampleScorer(metrics, tools, n_total, reference_points, seed)
+    for measured in progress(map(scorer.measure, batches), n_total, "scoring", tools.options):
+        scorer.add(measured)
+    return scorer.scores()
 
 
 def _inception_scores(scorer: ImageScorer, metrics: Sequence[str], tools: Instruments,
@@ -218,11 +266,10 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
     kind, name = checkpoint_kind(ckpt)
     reference = toy_reference(ckpt["config"]["dataset"], draw.seed) if kind == "points" else None
     sampler = load_sampler(ckpt, sampler_cfg, draw.use_ema, tools.device)
-    batches = sampler.batches(draw.n_samples, draw.batch_size, draw.seed)
     sample_metrics = [m for m in metrics if METRICS[m].kind not in ("score", "likelihood")]
-    scores = score_stream(batches if sample_metrics else [], draw.n_samples, sample_metrics,
-                          tools, reference, draw.seed)
-    scores.n_samples = draw.n_samples if sample_metrics else 0
+    scores = Scores(0)
+    if sample_metrics:
+        scores = _draw_and_score(sampler, sample_metrics, draw, tools, reference)
     scores.source = {"ckpt": str(path) if path else None, "step": int(ckpt["step"]),
                      "dataset": name, "sampler": OmegaConf.to_container(sampler_cfg)}
     if sampler.nfe:
@@ -234,6 +281,24 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
     if "nll" in metrics:
         score_nll(ckpt, draw, tools, scores)
     return scores
+
+
+def _draw_and_score(sampler, metrics: Sequence[str], draw: Draw, tools: Instruments,
+                    reference) -> Scores:
+    """Draw and score ``draw.n_samples`` samples. Under torch.distributed each rank draws
+    and measures its share (Inception features included); rank 0 adds the gathered
+    measures in the samples' order, so its scores are one process's (the other ranks
+    return empty scores)."""
+    scorer = SampleScorer(metrics, tools, draw.n_samples, reference, draw.seed)
+    measured = sampler.batches(draw.n_samples, draw.batch_size, draw.seed,
+                               on_rank=scorer.measure)
+    if not distributed.is_main():
+        for _ in measured:                  # this rank's share; rank 0 gathers it
+            pass
+        return Scores(0)
+    for m in progress(measured, draw.n_samples, "scoring", tools.options):
+        scorer.add(m)
+    return scorer.scores()
 
 
 def _score_error(ckpt: dict, draw: Draw, tools: Instruments, scores: Scores) -> None:

@@ -92,17 +92,34 @@ class ImageScorer:
         self.non_finite = 0
 
     @torch.no_grad()
-    def update(self, images: Tensor) -> None:
-        """Images (B, C, H, W) in [0, 1], C = 1 (repeated to 3) or 3."""
+    def embed(self, images: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Images (B, C, H, W) in [0, 1], C = 1 (repeated to 3) or 3 -> the Inception pool
+        features (b, 2048) and logits (b, 1008) of each chunk of ``feature_batch_size``.
+        Needs only the network: any rank can run it on its own samples."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ConfigError(f"Inception metrics need images (B, 1 or 3, H, W), got "
                               f"{tuple(images.shape)}")
-        self.non_finite += int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        chunks = []
         for chunk in images.split(self.options.feature_batch_size):
             x = chunk.to(self.device, torch.float32).expand(-1, 3, -1, -1)
-            feats, logits = self.model(x)                              # (b, 2048), (b, 1008)
+            chunks.append(self.model(x))
+        return chunks
+
+    def add(self, chunks: Sequence[tuple[Tensor, Tensor]], non_finite: int = 0) -> None:
+        """Accumulate :meth:`embed`'s chunks, in the order of the samples."""
+        self.non_finite += non_finite
+        for feats, logits in chunks:
             self.stats.update(feats)
             if self.inception_score is not None:
                 self.inception_score.update(logits)
             if self.features is not None:
                 self.features.add(feats)
+
+    def update(self, images: Tensor) -> None:
+        """Images (B, C, H, W) in [0, 1], C = 1 (repeated to 3) or 3."""
+        self.add(self.embed(images), count_non_finite(images))
+
+
+def count_non_finite(batch: Tensor) -> int:
+    """How many samples of ``batch`` (B, ...) hold a NaN or an infinity."""
+    return int((~torch.isfinite(batch.flatten(1))).any(1).sum())
