@@ -736,12 +736,21 @@ def _stop_on_signals(run: Run):
 
 def _stop(run: Run, signum: int, previous_handler) -> TrainingInterrupted:
     """Checkpoint, wait until every rank is here (the file is complete before any process
-    exits), hand the signal to the handler that was there before ours (submitit's requeues
-    the job and exits), and say why the run stopped."""
+    exits), let rank 0 alone hand the signal to the handler that was there before ours
+    (submitit's requeues the job and exits), and say why the run stopped.
+
+    The other ranks wait until rank 0 is done with that handler, whatever it does: under
+    ``SLURM_KILL_BAD_EXIT=1`` a rank that exits first, with its non-zero status, makes srun
+    kill rank 0 in the middle of its ``scontrol requeue``, and the job never comes back.
+    """
     path = save(run)
     distributed.barrier()
-    if callable(previous_handler) and previous_handler is not signal.default_int_handler:
-        previous_handler(signum, None)
+    try:
+        if (distributed.is_main() and callable(previous_handler)
+                and previous_handler is not signal.default_int_handler):
+            previous_handler(signum, None)
+    finally:
+        distributed.barrier()
     return TrainingInterrupted(signum, run.step, path)
 
 
