@@ -56,8 +56,9 @@ def resolve_device(name: str) -> torch.device:
         if name != "cuda":
             raise registry.ConfigError(f"trainer.device={name} names one GPU, but each of the "
                                        f"{distributed.world_size()} processes takes its own "
-                                       f"(LOCAL_RANK); use trainer.device=cuda or auto")
-        return torch.device("cuda", distributed.local_rank())
+                                       f"(LOCAL_RANK, or the one GPU SLURM bound to it); use "
+                                       f"trainer.device=cuda or auto")
+        return torch.device("cuda", distributed.device_index(distributed.local_rank()))
     return torch.device(name)
 
 

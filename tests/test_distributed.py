@@ -267,6 +267,27 @@ def test_ranks_come_from_torchrun_or_a_slurm_step_not_the_batch_script():
     assert distributed.process_env({}) is None
 
 
+@pytest.mark.parametrize("nodelist,host", [
+    ("node7", "node7"), ("gpu[001-002]", "gpu001"), ("gpu[007,001-002],cpu01", "gpu007"),
+    ("cpu01,gpu[001-002]", "cpu01"), ("rack[2-3]-n[09-10]", "rack2-n09"), ("a-1,b-2", "a-1")])
+def test_the_master_is_the_first_host_of_a_bracketed_node_list(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+def test_the_master_comes_from_the_node_list_where_scontrol_is_missing(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")                    # no scontrol to ask
+    found = distributed.process_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "16",
+                                     "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "7"})
+    assert (found["master_addr"], found["master_port"]) == ("gpu001", "20007")
+
+
+@pytest.mark.parametrize("visible,local_rank,index", [
+    (None, 3, 3), ("0,1,2,3", 3, 3), ("5", 3, 0), ("GPU-8f1c", 1, 0), ("", 2, 2)])
+def test_a_task_bound_to_one_gpu_uses_cuda_0_not_its_local_rank(visible, local_rank, index):
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert distributed.device_index(local_rank, env) == index
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_the_ranks_of_a_launch_share_one_run_directory(tmp_path, launcher):
     # No hydra.run.dir: Hydra's time-stamped folder must be rank 0's on both ranks.
