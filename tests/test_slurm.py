@@ -132,13 +132,44 @@ def test_slurm_job_of_two_tasks_is_one_ddp_run_with_the_single_process_weights(t
     overrides = [*TINY, "trainer.num_threads=1", "noise.num_scales=5"]
     out = _multirun(sweep, *SLURM, "hydra.launcher.tasks_per_node=2", *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 processes" in (sweep / "0" / "train.log").read_text()
+    log = (sweep / "0" / "train.log").read_text()
+    assert "2 processes" in log
+    # Rank 0 alone writes the log: submitit's last line, from every task that has a log file.
+    assert log.count("Job completed successfully") == 1, log
     ddp = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")
     single = load_checkpoint(training.train(compose_train(overrides), tmp_path / "single"))
     assert ddp["step"] == single["step"] == 40
     for part in ("model", "ema"):
         for key, value in single[part].items():
             torch.testing.assert_close(ddp[part][key], value, rtol=1e-5, atol=1e-6)
+
+
+@needs_cluster
+def test_a_sweep_waiting_on_jobs_that_cannot_start_says_so_once_for_each(tmp_path):
+    # 4 CPUs a task on a node of fewer: SLURM queues the jobs and they pend for ever
+    # (PartitionConfig). The multirun still waits; it must say which jobs and why.
+    sweep, out = tmp_path / "multirun", tmp_path / "stdout.txt"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([str(BIN / "ncsn-train"), "-m", f"hydra.sweep.dir={sweep}",
+                                 *SLURM, "hydra.launcher.cpus_per_task=64",
+                                 "hydra.launcher.watch_every_s=0.5", *TINY, "seed=0,1"],
+                                cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    job = None
+    try:
+        job = _slurm_job(sweep).split("_")[0]
+        _wait_for(lambda: out.read_text().count("PartitionConfig") >= 2, "the two lines", 60,
+                  proc)
+        time.sleep(3)                                     # several more looks at squeue
+    finally:
+        proc.kill()
+        if job is not None:
+            subprocess.run(["scancel", job], timeout=30)
+    lines = [line for line in out.read_text().splitlines() if "is pending" in line]
+    assert len(lines) == 2, lines
+    for task, line in zip((0, 1), sorted(lines)):
+        assert f"SLURM job {job}_{task} is pending (PartitionConfig): it asks for more than " \
+               f"its partition has" in line and "cpus_per_task=64," in line, line
 
 
 def _slurm_job(sweep: Path, timeout: float = 120) -> str:
