@@ -85,6 +85,33 @@ def process_env(env=None) -> dict | None:
     return found if found["world_size"] > 1 else None
 
 
+def launch_id(env=None) -> str | None:
+    """A name for this launch that its restarts keep, or None: ``slurm-JOB`` (an array's
+    task: ``slurm-ARRAYJOB_TASK``; a requeued job keeps its id), ``torchrun-RUN`` (torchrun's
+    rendezvous id, the same for every restart of its workers; ``none``, the static
+    rendezvous's default without ``--rdzv-id``, names nothing)."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    run = env.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run == "none" else f"torchrun-{run}"
+
+
+def restarts(env=None) -> str | None:
+    """"requeued N time(s)" / "restarted N time(s)" when SLURM requeued this job or torchrun
+    restarted its workers; None on a first start."""
+    env = os.environ if env is None else env
+    requeued = int(env.get("SLURM_RESTART_COUNT", "0"))
+    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if requeued:
+        return f"this SLURM job was requeued {requeued} time(s)"
+    if restarted:
+        return f"torchrun restarted the workers {restarted} time(s)"
+    return None
+
+
 def init_distributed() -> bool:
     """Join the process group when started as one of several ranks; True when distributed.
 

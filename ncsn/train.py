@@ -503,6 +503,13 @@ def _resume_checkpoint(cfg: DictConfig, path: Path, found: bool) -> dict | None:
     return ckpt
 
 
+def _why_fresh(cfg: DictConfig, path: Path) -> str:
+    """Why a run starts at step 0 (its log says so), ``path`` its last.pt."""
+    if resume_mode(cfg.trainer.resume) == "false":
+        return "trainer.resume=false"
+    return f"no checkpoint {path} to resume (trainer.resume=auto)"
+
+
 # ----------------------------------------------------------------------------- logging
 class TrainLogger:
     """TensorBoard scalars every ``log_every`` steps: loss, loss per noise level, gradient
@@ -791,9 +798,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
         log.info("resumed %s at step %d", last, run.step)
         if cfg.trainer.keep_best and main:
             run.best_loss = best_held_out_loss(run_dir / "checkpoints")
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    if restarts:
-        log.info("this SLURM job was requeued %d time(s)", restarts)
+    else:
+        log.info("started fresh at step 0: %s", _why_fresh(cfg, last))
+    restarted = distributed.restarts()
+    if restarted:
+        log.info("%s", restarted)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -253,6 +253,54 @@ def test_slurm_job_stopped_mid_training_resumes_to_the_weights_of_an_unstopped_r
             assert torch.equal(stopped[part][key], value), (part, key)
 
 
+# A plain sbatch script without hydra.run.dir: the requeued job must find its run folder
+# (outputs/slurm-JOB/HASH), not start over in a new time-stamped one.
+@needs_cluster
+def test_a_requeued_sbatch_job_without_a_run_dir_resumes_its_run(tmp_path):
+    overrides = [*TINY, "trainer.n_steps=1000", "trainer.ckpt_every=50",
+                 "trainer.num_threads=1", "noise.num_scales=5"]
+    script = tmp_path / "train.sh"
+    script.write_text(f"#!/bin/bash\nexec {BIN / 'ncsn-train'} {' '.join(overrides)}\n")
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    job = subprocess.run(["sbatch", "--parsable", "--requeue", "--cpus-per-task=1", "--mem=1G",
+                          "--time=10", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm.out",
+                          str(script)], env=env, capture_output=True, text=True, check=True,
+                         timeout=30).stdout.strip()
+    try:
+        _wait_until(lambda: list(tmp_path.glob("outputs/*/*/checkpoints/last.pt")),
+                    "the first checkpoint", 120)
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        log = lambda: "".join(p.read_text() for p in tmp_path.glob("outputs/*/*/train.log"))
+        _wait_until(lambda: "done: 1000 steps" in log() or _release(job), "the end", 240)
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    run_dir, = tmp_path.glob("outputs/*/*")
+    assert run_dir.parent.name == f"slurm-{job}"
+    text = (run_dir / "train.log").read_text()
+    assert re.search(r"resumed \S+last.pt at step [1-9]", text), text[-3000:]
+    assert "this SLURM job was requeued 1 time(s)" in text
+    stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    straight = load_checkpoint(training.train(compose_train(overrides), tmp_path / "straight"))
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            assert torch.equal(stopped[part][key], value), (part, key)
+
+
+def _wait_until(predicate, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _release(job: str) -> bool:
+    """Start a requeued job at once instead of after its two-minute hold; always False."""
+    if _squeue_state(job) == "PENDING BeginTime":
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=30)
+    return False
+
+
 def _slow_scontrol_requeue(folder: Path, seconds: float) -> dict:
     """An environment whose ``scontrol requeue`` waits ``seconds`` first, as on a busy
     controller: a ``scontrol`` ahead on PATH (the job inherits it from sbatch) that sleeps,
