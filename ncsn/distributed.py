@@ -100,16 +100,15 @@ def launch_id(env=None) -> str | None:
 
 
 def restarts(env=None) -> str | None:
-    """"requeued N time(s)" / "restarted N time(s)" when SLURM requeued this job or torchrun
-    restarted its workers; None on a first start."""
+    """What restarted this process, for the run's log: SLURM's requeues of the job, torchrun's
+    restarts of its workers; None on a first start."""
     env = os.environ if env is None else env
-    requeued = int(env.get("SLURM_RESTART_COUNT", "0"))
-    restarted = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if requeued:
-        return f"this SLURM job was requeued {requeued} time(s)"
-    if restarted:
-        return f"torchrun restarted the workers {restarted} time(s)"
-    return None
+    said = []
+    if int(env.get("SLURM_RESTART_COUNT", "0")):
+        said.append(f"this SLURM job was requeued {env['SLURM_RESTART_COUNT']} time(s)")
+    if int(env.get("TORCHELASTIC_RESTART_COUNT", "0")):
+        said.append(f"torchrun restarted the workers {env['TORCHELASTIC_RESTART_COUNT']} time(s)")
+    return "; ".join(said) or None
 
 
 def init_distributed() -> bool:
