@@ -7,6 +7,7 @@ in Hydra's ConfigStore; the CLI calls it once before composing.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -359,3 +360,19 @@ def register_configs() -> None:
     # configs/hydra/launcher/slurm.yaml: one SLURM task per GPU, one task on a CPU-only node
     OmegaConf.register_new_resolver("ncsn_tasks_per_node", lambda gpus: max(1, gpus or 0),
                                     replace=True)
+    # configs/train.yaml: hydra.run.dir
+    OmegaConf.register_new_resolver("ncsn_run_dir", run_dir, replace=True)
+
+
+def run_dir(stamp: str, overrides: str, env=None) -> str:
+    """``ncsn-train``'s run directory: ``outputs/LAUNCH/DIGEST`` when the launcher names this
+    launch (:func:`ncsn.distributed.launch_id`: a SLURM job, torchrun's run), so that a
+    requeued job or restarted workers find the run and ``trainer.resume=auto`` resumes it;
+    ``outputs/STAMP`` (the date and time) otherwise. DIGEST, 8 hex digits of the command
+    line's overrides (``hydra.job.override_dirname``), keeps apart two runs of one job."""
+    from ncsn.distributed import launch_id
+
+    launch = launch_id(env)
+    if launch is None:
+        return f"outputs/{stamp}"
+    return f"outputs/{launch}/{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"

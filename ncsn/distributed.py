@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from datetime import datetime, timedelta
@@ -34,16 +35,31 @@ class RankFailed(RuntimeError):
         self.exit_code = exit_code
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[001-002,007],cpu01`` -> ``gpu001``,
+    ``rack[1-2]-n[3-4]`` -> ``rack1-n3``, ``node7`` -> ``node7`` (SLURM's hostlist syntax:
+    comma-separated groups, each a name with bracketed lists of numbers or ranges)."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0],
+                  nodelist[:end])
+
+
 def _slurm_master(env) -> tuple[str, str]:
-    """The first host of the job (``scontrol show hostnames``) and a port from the job id."""
+    """The first host of the job (``scontrol show hostnames``, or the node list read here
+    where scontrol is missing, as inside some containers) and a port from the job id."""
     nodes = env["SLURM_JOB_NODELIST"]
     try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
-                               capture_output=True, text=True, timeout=60).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        hosts = [nodes.split(",")[0]]              # a plain host name: no brackets to expand
+        host = subprocess.run(["scontrol", "show", "hostnames", nodes], check=True,
+                              capture_output=True, text=True, timeout=60).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        host = first_host(nodes)
     port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-    return hosts[0], str(port)
+    return host, str(port)
 
 
 def process_env(env=None) -> dict | None:
@@ -69,10 +85,36 @@ def process_env(env=None) -> dict | None:
     return found if found["world_size"] > 1 else None
 
 
+def launch_id(env=None) -> str | None:
+    """A name for this launch that its restarts keep, or None: ``slurm-JOB`` (an array's
+    task: ``slurm-ARRAYJOB_TASK``; a requeued job keeps its id), ``torchrun-RUN`` (torchrun's
+    rendezvous id, the same for every restart of its workers; ``none``, the static
+    rendezvous's default without ``--rdzv-id``, names nothing)."""
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    if "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    run = env.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run == "none" else f"torchrun-{run}"
+
+
+def restarts(env=None) -> str | None:
+    """What restarted this process, for the run's log: SLURM's requeues of the job, torchrun's
+    restarts of its workers; None on a first start."""
+    env = os.environ if env is None else env
+    said = []
+    if int(env.get("SLURM_RESTART_COUNT", "0")):
+        said.append(f"this SLURM job was requeued {env['SLURM_RESTART_COUNT']} time(s)")
+    if int(env.get("TORCHELASTIC_RESTART_COUNT", "0")):
+        said.append(f"torchrun restarted the workers {env['TORCHELASTIC_RESTART_COUNT']} time(s)")
+    return "; ".join(said) or None
+
+
 def init_distributed() -> bool:
     """Join the process group when started as one of several ranks; True when distributed.
 
-    Idempotent. CUDA processes use the GPU ``LOCAL_RANK``.
+    Idempotent. CUDA processes use the GPU :func:`device_index`.
     """
     if dist.is_available() and dist.is_initialized():
         return True
@@ -83,7 +125,7 @@ def init_distributed() -> bool:
     os.environ.setdefault("MASTER_PORT", found["master_port"])
     backend = "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(found["local_rank"])
+        torch.cuda.set_device(device_index(found["local_rank"]))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend, init_method="env://", rank=found["rank"],
                             world_size=found["world_size"], timeout=TIMEOUT)
@@ -100,6 +142,17 @@ def shutdown() -> None:
     closed, nothing waits on it)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device_index(local_rank: int, env=None) -> int:
+    """The CUDA device of the process with ``local_rank`` on its node: 0 when
+    ``CUDA_VISIBLE_DEVICES`` holds one device (SLURM binds one GPU to each task with
+    ``--gpus-per-task=1`` or ``--gpu-bind``, and every task sees its own as device 0);
+    ``local_rank`` when the processes of a node share its devices (torchrun, or srun
+    without binding)."""
+    env = os.environ if env is None else env
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return 0 if len(visible) == 1 else local_rank
 
 
 def is_distributed() -> bool:

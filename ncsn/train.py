@@ -58,8 +58,9 @@ def resolve_device(name: str) -> torch.device:
         if name != "cuda":
             raise registry.ConfigError(f"trainer.device={name} names one GPU, but each of the "
                                        f"{distributed.world_size()} processes takes its own "
-                                       f"(LOCAL_RANK); use trainer.device=cuda or auto")
-        return torch.device("cuda", distributed.local_rank())
+                                       f"(LOCAL_RANK, or the one GPU SLURM bound to it); use "
+                                       f"trainer.device=cuda or auto")
+        return torch.device("cuda", distributed.device_index(distributed.local_rank()))
     return torch.device(name)
 
 
@@ -636,6 +637,13 @@ def _resume_checkpoint(cfg: DictConfig, path: Path, found: bool) -> dict | None:
     return ckpt
 
 
+def _why_fresh(cfg: DictConfig, path: Path) -> str:
+    """Why a run starts at step 0 (its log says so), ``path`` its last.pt."""
+    if resume_mode(cfg.trainer.resume) == "false":
+        return "trainer.resume=false"
+    return f"no checkpoint {path} to resume (trainer.resume=auto)"
+
+
 # ----------------------------------------------------------------------------- logging
 class TrainLogger:
     """TensorBoard scalars every ``log_every`` steps: loss, loss per noise level, gradient
@@ -940,12 +948,21 @@ def _stop_on_signals(run: Run):
 
 def _stop(run: Run, signum: int, previous_handler) -> TrainingInterrupted:
     """Checkpoint, wait until every rank is here (the file is complete before any process
-    exits), hand the signal to the handler that was there before ours (submitit's requeues
-    the job and exits), and say why the run stopped."""
+    exits), let rank 0 alone hand the signal to the handler that was there before ours
+    (submitit's requeues the job and exits), and say why the run stopped.
+
+    The other ranks wait until rank 0 is done with that handler, whatever it does: under
+    ``SLURM_KILL_BAD_EXIT=1`` a rank that exits first, with its non-zero status, makes srun
+    kill rank 0 in the middle of its ``scontrol requeue``, and the job never comes back.
+    """
     path = save(run)
     distributed.barrier()
-    if callable(previous_handler) and previous_handler is not signal.default_int_handler:
-        previous_handler(signum, None)
+    try:
+        if (distributed.is_main() and callable(previous_handler)
+                and previous_handler is not signal.default_int_handler):
+            previous_handler(signum, None)
+    finally:
+        distributed.barrier()
     return TrainingInterrupted(signum, run.step, path)
 
 
@@ -985,9 +1002,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
         log.info("resumed %s at step %d", last, run.step)
         if cfg.trainer.keep_best and main:
             run.best_loss = best_held_out_loss(run_dir / "checkpoints")
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    if restarts:
-        log.info("this SLURM job was requeued %d time(s)", restarts)
+    else:
+        log.info("started fresh at step 0: %s", _why_fresh(cfg, last))
+    restarted = distributed.restarts()
+    if restarted:
+        log.info("%s", restarted)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

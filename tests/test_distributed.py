@@ -6,6 +6,7 @@ averaged over equal shards. They agree only up to float rounding (a mean of two 
 bit-for-bit the mean of all), hence the tolerance.
 """
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -282,6 +283,73 @@ def test_ranks_come_from_torchrun_or_a_slurm_step_not_the_batch_script():
     assert distributed.process_env({}) is None
 
 
+@pytest.mark.parametrize("nodelist,host", [
+    ("node7", "node7"), ("gpu[001-002]", "gpu001"), ("gpu[007,001-002],cpu01", "gpu007"),
+    ("cpu01,gpu[001-002]", "cpu01"), ("rack[2-3]-n[09-10]", "rack2-n09"), ("a-1,b-2", "a-1")])
+def test_the_master_is_the_first_host_of_a_bracketed_node_list(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+def test_the_master_comes_from_the_node_list_where_scontrol_is_missing(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")                    # no scontrol to ask
+    found = distributed.process_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "16",
+                                     "SLURM_JOB_NODELIST": "gpu[001-002]", "SLURM_JOB_ID": "7"})
+    assert (found["master_addr"], found["master_port"]) == ("gpu001", "20007")
+
+
+@pytest.mark.parametrize("visible,local_rank,index", [
+    (None, 3, 3), ("0,1,2,3", 3, 3), ("5", 3, 0), ("GPU-8f1c", 1, 0), ("", 2, 2)])
+def test_a_task_bound_to_one_gpu_uses_cuda_0_not_its_local_rank(visible, local_rank, index):
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert distributed.device_index(local_rank, env) == index
+
+
+@pytest.mark.parametrize("env,launch", [
+    ({}, None), ({"TORCHELASTIC_RUN_ID": "none"}, None),
+    ({"TORCHELASTIC_RUN_ID": "3f2a"}, "torchrun-3f2a"),
+    ({"SLURM_JOB_ID": "4242", "TORCHELASTIC_RUN_ID": "3f2a"}, "slurm-4242"),
+    ({"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1"},
+     "slurm-4242_1")])
+def test_a_launch_is_named_by_its_slurm_job_or_torchrun_run(env, launch):
+    assert distributed.launch_id(env) == launch
+
+
+def test_the_restart_run_directory_is_the_launch_and_the_command_line():
+    from ncsn.config import run_dir
+    assert run_dir("2026-01-01/10-00-00", "seed=1", {}) == "outputs/2026-01-01/10-00-00"
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "2"}
+    first, again = run_dir("a", "seed=1", slurm), run_dir("b", "seed=1", slurm)
+    assert first == again and first.startswith("outputs/slurm-4242/")   # not the clock's
+    assert run_dir("a", "seed=2", slurm) != first                # another run of the job
+    assert distributed.restarts(slurm) == "this SLURM job was requeued 2 time(s)"
+    assert distributed.restarts({"TORCHELASTIC_RESTART_COUNT": "1"}) == \
+        "torchrun restarted the workers 1 time(s)"
+    assert distributed.restarts({"TORCHELASTIC_RESTART_COUNT": "0"}) is None
+
+
+def test_workers_that_torchrun_restarts_resume_their_run(tmp_path):
+    # No hydra.run.dir: the restarted worker must find the first one's folder, not a new one.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=1", "--max-restarts=1", "-m", "ncsn.cli.train", *SIGNALLED]
+    agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("outputs/*/*/checkpoints/step_00000025.pt")):
+        assert agent.poll() is None and time.time() < deadline, agent.communicate()[1][-3000:]
+        time.sleep(0.05)
+    worker = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True)
+    os.kill(int(worker.stdout.split()[0]), signal.SIGKILL)        # a crash: no checkpoint
+    _, stderr = agent.communicate(timeout=240)
+    assert agent.returncode == 0, stderr[-3000:]
+    run_dir, = tmp_path.glob("outputs/torchrun-*/*")
+    log = (run_dir / "train.log").read_text()
+    assert re.search(r"started fresh at step 0: no checkpoint \S+ to resume", log)
+    assert re.search(r"resumed \S+last.pt at step [1-9]", log)
+    assert "torchrun restarted the workers 1 time(s)" in log
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 600
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
 def test_the_ranks_of_a_launch_share_one_run_directory(tmp_path, launcher):
     # No hydra.run.dir: Hydra's time-stamped folder must be rank 0's on both ranks.
@@ -304,6 +372,7 @@ def test_the_ranks_of_a_launch_share_one_run_directory(tmp_path, launcher):
         assert process.returncode == 0, stderr[-3000:]
     run_dirs = [p.parent for p in (tmp_path / "outputs").glob("*/*/config.yaml")]
     assert len(run_dirs) == 1, list((tmp_path / "outputs").glob("*/*"))
+    assert run_dirs[0].parent.name.startswith(launcher)        # the launch's, see launch_id
     log = (run_dirs[0] / "train.log").read_text()
     assert log.count("step 6: checkpoint") == 1 and "2 processes" in log
     if launcher == "slurm":

@@ -24,7 +24,8 @@ def test_built_wheel_carries_the_configs(tmp_path):
     for name in ("ncsn/configs/train.yaml", "ncsn/configs/sample.yaml",
                  "ncsn/configs/eval.yaml", "ncsn/configs/dataset/swiss_roll.yaml",
                  "ncsn/configs/experiment/swissroll.yaml", "ncsn/configs/setup/cifar10.yaml",
-                 "ncsn/cli/train.py", "ncsn/losses.py"):
+                 "ncsn/cli/train.py", "ncsn/losses.py",
+                 "hydra_plugins/ncsn_launcher/slurm.py"):      # hydra/launcher=slurm
         assert name in names, name
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()

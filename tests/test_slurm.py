@@ -132,13 +132,44 @@ def test_slurm_job_of_two_tasks_is_one_ddp_run_with_the_single_process_weights(t
     overrides = [*TINY, "trainer.num_threads=1", "noise.num_scales=5"]
     out = _multirun(sweep, *SLURM, "hydra.launcher.tasks_per_node=2", *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "2 processes" in (sweep / "0" / "train.log").read_text()
+    log = (sweep / "0" / "train.log").read_text()
+    assert "2 processes" in log
+    # Rank 0 alone writes the log: submitit's last line, from every task that has a log file.
+    assert log.count("Job completed successfully") == 1, log
     ddp = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")
     single = load_checkpoint(training.train(compose_train(overrides), tmp_path / "single"))
     assert ddp["step"] == single["step"] == 40
     for part in ("model", "ema"):
         for key, value in single[part].items():
             torch.testing.assert_close(ddp[part][key], value, rtol=1e-5, atol=1e-6)
+
+
+@needs_cluster
+def test_a_sweep_waiting_on_jobs_that_cannot_start_says_so_once_for_each(tmp_path):
+    # 4 CPUs a task on a node of fewer: SLURM queues the jobs and they pend for ever
+    # (PartitionConfig). The multirun still waits; it must say which jobs and why.
+    sweep, out = tmp_path / "multirun", tmp_path / "stdout.txt"
+    with out.open("w") as stdout:
+        proc = subprocess.Popen([str(BIN / "ncsn-train"), "-m", f"hydra.sweep.dir={sweep}",
+                                 *SLURM, "hydra.launcher.cpus_per_task=64",
+                                 "hydra.launcher.watch_every_s=0.5", *TINY, "seed=0,1"],
+                                cwd=tmp_path, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    job = None
+    try:
+        job = _slurm_job(sweep).split("_")[0]
+        _wait_for(lambda: out.read_text().count("PartitionConfig") >= 2, "the two lines", 60,
+                  proc)
+        time.sleep(3)                                     # several more looks at squeue
+    finally:
+        proc.kill()
+        if job is not None:
+            subprocess.run(["scancel", job], timeout=30)
+    lines = [line for line in out.read_text().splitlines() if "is pending" in line]
+    assert len(lines) == 2, lines
+    for task, line in zip((0, 1), sorted(lines)):
+        assert f"SLURM job {job}_{task} is pending (PartitionConfig): it asks for more than " \
+               f"its partition has" in line and "cpus_per_task=64," in line, line
 
 
 def _slurm_job(sweep: Path, timeout: float = 120) -> str:
@@ -168,18 +199,13 @@ def _squeue_state(job: str) -> str:
                           text=True, timeout=30).stdout.strip()
 
 
-# scontrol requeue: what a preemption does (SIGTERM, then the job goes back to the queue);
-# scancel --signal=USR2: submitit's warning before the time limit (the launcher's signal_delay_s),
-# whose handler requeues the job itself.
-@needs_cluster
-@pytest.mark.parametrize("interrupt", [["scontrol", "requeue"], ["scancel", "--signal=USR2"]],
-                         ids=["requeue", "usr2"])
-def test_slurm_job_stopped_mid_training_resumes_to_the_weights_of_an_unstopped_run(
-        tmp_path, interrupt):
-    overrides = [*TINY, "trainer.n_steps=1000", "trainer.ckpt_every=50",
-                 "trainer.num_threads=1", "noise.num_scales=5"]
+def _stop_and_requeue(tmp_path: Path, overrides: list[str], interrupt: list[str],
+                      env: dict | None = None) -> Path:
+    """Run a one-point SLURM sweep, ``interrupt`` its job once the first checkpoint is on
+    disk, start the requeued job at once and wait for the sweep to end; returns the job's
+    run folder."""
     sweep = tmp_path / "multirun"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen([str(BIN / "ncsn-train"), "-m", f"hydra.sweep.dir={sweep}", *SLURM,
                              *overrides], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -203,15 +229,107 @@ def test_slurm_job_stopped_mid_training_resumes_to_the_weights_of_an_unstopped_r
     assert proc.returncode == 0, stderr[-3000:]
     log = (sweep / "0" / "train.log").read_text()
     resumed = [int(s) for s in re.findall(r"resumed \S+ at step (\d+)", log)]
-    assert len(resumed) == 1 and 0 < resumed[0] < 1000, log[-3000:]
+    assert len(resumed) == 1 and 0 < resumed[0], log[-3000:]
     assert "requeued 1 time" in log
+    return sweep / "0"
 
-    stopped = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")
+
+# scontrol requeue: what a preemption does (SIGTERM, then the job goes back to the queue);
+# scancel --signal=USR2: submitit's warning before the time limit (the launcher's signal_delay_s),
+# whose handler requeues the job itself.
+@needs_cluster
+@pytest.mark.parametrize("interrupt", [["scontrol", "requeue"], ["scancel", "--signal=USR2"]],
+                         ids=["requeue", "usr2"])
+def test_slurm_job_stopped_mid_training_resumes_to_the_weights_of_an_unstopped_run(
+        tmp_path, interrupt):
+    overrides = [*TINY, "trainer.n_steps=1000", "trainer.ckpt_every=50",
+                 "trainer.num_threads=1", "noise.num_scales=5"]
+    run = _stop_and_requeue(tmp_path, overrides, interrupt)
+    stopped = load_checkpoint(run / "checkpoints" / "last.pt")
     straight = load_checkpoint(training.train(compose_train(overrides), tmp_path / "straight"))
     assert stopped["step"] == straight["step"] == 1000
     for part in ("model", "ema"):
         for key, value in straight[part].items():
             assert torch.equal(stopped[part][key], value), (part, key)
+
+
+# A plain sbatch script without hydra.run.dir: the requeued job must find its run folder
+# (outputs/slurm-JOB/HASH), not start over in a new time-stamped one.
+@needs_cluster
+def test_a_requeued_sbatch_job_without_a_run_dir_resumes_its_run(tmp_path):
+    overrides = [*TINY, "trainer.n_steps=1000", "trainer.ckpt_every=50",
+                 "trainer.num_threads=1", "noise.num_scales=5"]
+    script = tmp_path / "train.sh"
+    script.write_text(f"#!/bin/bash\nexec {BIN / 'ncsn-train'} {' '.join(overrides)}\n")
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    job = subprocess.run(["sbatch", "--parsable", "--requeue", "--cpus-per-task=1", "--mem=1G",
+                          "--time=10", f"--chdir={tmp_path}", f"--output={tmp_path}/slurm.out",
+                          str(script)], env=env, capture_output=True, text=True, check=True,
+                         timeout=30).stdout.strip()
+    try:
+        _wait_until(lambda: list(tmp_path.glob("outputs/*/*/checkpoints/last.pt")),
+                    "the first checkpoint", 120)
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+        log = lambda: "".join(p.read_text() for p in tmp_path.glob("outputs/*/*/train.log"))
+        _wait_until(lambda: "done: 1000 steps" in log() or _release(job), "the end", 240)
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    run_dir, = tmp_path.glob("outputs/*/*")
+    assert run_dir.parent.name == f"slurm-{job}"
+    text = (run_dir / "train.log").read_text()
+    assert re.search(r"resumed \S+last.pt at step [1-9]", text), text[-3000:]
+    assert "this SLURM job was requeued 1 time(s)" in text
+    stopped = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    straight = load_checkpoint(training.train(compose_train(overrides), tmp_path / "straight"))
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            assert torch.equal(stopped[part][key], value), (part, key)
+
+
+def _wait_until(predicate, what: str, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _release(job: str) -> bool:
+    """Start a requeued job at once instead of after its two-minute hold; always False."""
+    if _squeue_state(job) == "PENDING BeginTime":
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], timeout=30)
+    return False
+
+
+def _slow_scontrol_requeue(folder: Path, seconds: float) -> dict:
+    """An environment whose ``scontrol requeue`` waits ``seconds`` first, as on a busy
+    controller: a ``scontrol`` ahead on PATH (the job inherits it from sbatch) that sleeps,
+    then runs the real one."""
+    real = shutil.which("scontrol")
+    folder.mkdir()
+    (folder / "scontrol").write_text(f'#!/bin/sh\n[ "$1" = requeue ] && sleep {seconds}\n'
+                                     f'exec {real} "$@"\n')
+    (folder / "scontrol").chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+# Under SLURM_KILL_BAD_EXIT=1 (the launcher's setup) srun kills every task once one exits
+# with an error: rank 1 must not exit before rank 0's `scontrol requeue` has returned.
+@needs_cluster
+@pytest.mark.parametrize("delay", [0, 6], ids=["prompt", "slow_requeue"])
+def test_slurm_job_of_two_tasks_signalled_is_requeued_and_ends_as_an_unstopped_run(
+        tmp_path, delay):
+    overrides = [*TINY, "trainer.n_steps=400", "trainer.ckpt_every=20",
+                 "trainer.num_threads=1", "noise.num_scales=5"]
+    env = _slow_scontrol_requeue(tmp_path / "bin", delay) if delay else None
+    run = _stop_and_requeue(tmp_path, [*overrides, "hydra.launcher.tasks_per_node=2"],
+                            ["scancel", "--signal=USR2"], env)
+    stopped = load_checkpoint(run / "checkpoints" / "last.pt")
+    straight = load_checkpoint(training.train(compose_train(overrides), tmp_path / "straight"))
+    assert stopped["step"] == straight["step"] == 400
+    for part in ("model", "ema"):
+        for key, value in straight[part].items():
+            torch.testing.assert_close(stopped[part][key], value, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- the table

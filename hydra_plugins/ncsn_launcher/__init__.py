@@ -1,0 +1,1 @@
+"""ncsn's Hydra launcher: see :mod:`hydra_plugins.ncsn_launcher.slurm`."""
