@@ -38,3 +38,12 @@ def run_cli(command, *args, cwd=None, timeout=240, **popen):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (-n 2 --dist loadgroup), the tests that submit SLURM jobs run one
+    after another in one worker: the local cluster has 2 CPUs, and two tests' jobs at once
+    would wait on each other."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
