@@ -35,6 +35,24 @@ def run_cli(command, *args, cwd=None, timeout=240, **popen):
                           env=env, **popen)
 
 
+def spawn_ranks(worker, args: tuple, timeout: float, nprocs: int = 2) -> None:
+    """Start ``nprocs`` processes of ``worker(rank, *args)`` (spawned, as torchrun's ranks are
+    separate processes) and wait for all of them, failing the test if they take longer
+    than ``timeout`` seconds (a hang) or one of them dies."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the ranks did not finish within {timeout} s (a hang)")
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

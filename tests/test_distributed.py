@@ -15,12 +15,11 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from ncsn import distributed, losses, registry
 from ncsn import train as training
 from ncsn.checkpoint import load_checkpoint
-from conftest import BIN, TINY, compose_train
+from conftest import BIN, TINY, compose_train, spawn_ranks
 
 K = 6                                                # steps of the DDP runs
 RUN = TINY + [f"trainer.n_steps={K}", "trainer.ckpt_every=3", "trainer.log_every=2",
@@ -85,15 +84,7 @@ def run_two_ranks(tmp_path, overrides, run_dirs, fault=""):
     """Start 2 ranks, wait (bounded) for both; returns their outcomes."""
     out_dir = tmp_path / f"outcomes_{time.monotonic_ns()}"
     out_dir.mkdir()
-    context = mp.start_processes(_worker, args=(2, free_port(), overrides, run_dirs, out_dir,
-                                                fault),
-                                 nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + WORKER_TIMEOUT
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {WORKER_TIMEOUT} s (a hang)")
+    spawn_ranks(_worker, (2, free_port(), overrides, run_dirs, out_dir, fault), WORKER_TIMEOUT)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
 

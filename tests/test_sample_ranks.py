@@ -9,13 +9,11 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
 from ncsn import distributed, sampling
@@ -28,7 +26,7 @@ from ncsn.generate import load_sampler, sampler_config
 from ncsn.metrics import fid_inception_v3
 from ncsn.outputs import write_samples
 from ncsn.registry import ConfigError
-from conftest import TINY, compose_train
+from conftest import TINY, compose_train, spawn_ranks
 from test_distributed import free_port
 
 register_eval_configs()
@@ -153,14 +151,7 @@ def _refusals(toy_ckpt, out_dir):
 @pytest.fixture(scope="module")
 def two_ranks(toy_ckpt, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("ranks")
-    context = mp.start_processes(_worker, args=(2, free_port(), toy_ckpt, out_dir), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + WORKER_TIMEOUT
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {WORKER_TIMEOUT} s (a hang)")
+    spawn_ranks(_worker, (2, free_port(), toy_ckpt, out_dir), WORKER_TIMEOUT)
     return out_dir, [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
 
 
