@@ -97,9 +97,10 @@ def run_over_ranks(hydra_main: Callable[[], None]) -> None:
     The ranks join before Hydra composes, so that they agree on one output folder (rank 0's
     clock), and only rank 0 writes Hydra's own files and log in it (as ``ncsn-train``)."""
     from ncsn import distributed
+    from ncsn.launcher import QUIET_RANK
 
     if distributed.init_distributed() and not distributed.is_main():
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+        sys.argv += QUIET_RANK
     with distributed.rank_zero_clock():
         hydra_main()
 

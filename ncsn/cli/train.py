@@ -7,7 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import check_keys, print_help, run_cli
+from ncsn.cli.common import check_keys, print_help, run_cli, run_over_ranks
 from ncsn.config import config_dir, register_configs
 
 register_configs()
@@ -29,14 +29,7 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-train", "train", "train a score-based generative model. Example: ncsn-train experiment=swissroll", sys.argv[1:])
         return
-    from ncsn import distributed
-
-    # Under torchrun the ranks join before Hydra composes, so that they agree on one run
-    # directory (rank 0's clock) and only rank 0 writes Hydra's own files in it.
-    if distributed.init_distributed() and not distributed.is_main():
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
-    with distributed.rank_zero_clock():
-        _main()
+    run_over_ranks(_main)
 
 
 if __name__ == "__main__":
