@@ -23,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ncsn import distributed, losses, registry, viz
 from ncsn.checkpoint import (CheckpointError, best_held_out_loss, load_checkpoint,
@@ -659,6 +660,9 @@ class TrainLogger:
         self.levels = sorted({round(i * (n - 1) / max(1, min(n, self.MAX_LEVEL_CURVES) - 1))
                               for i in range(min(n, self.MAX_LEVEL_CURVES))})
         self.last_loss = math.nan            # the mean loss of the last read, for the bar
+        # Without a bar (stderr a file: SLURM, nohup, | tee) each read is also a log line.
+        self.lines = False
+        self.unit = loss_unit(run)
         self.t0 = time.perf_counter()
 
     def update(self, stats: StepStats) -> None:
@@ -673,7 +677,10 @@ class TrainLogger:
         w.add_scalar("train/loss", self.last_loss, step)
         w.add_scalar("train/grad_norm", float(monitor.grad_norm), step)
         w.add_scalar("train/lr", stats.lr, step)
-        w.add_scalar("train/steps_per_sec", count / (time.perf_counter() - self.t0), step)
+        steps_per_sec = count / (time.perf_counter() - self.t0)
+        w.add_scalar("train/steps_per_sec", steps_per_sec, step)
+        if self.lines:
+            self.log_line(stats.lr, steps_per_sec)
         level_sum, level_count = monitor.level_sum.cpu(), monitor.level_count.cpu()
         for i in self.levels:
             if level_count[i] > 0:
@@ -681,6 +688,27 @@ class TrainLogger:
                              level_sum[i] / level_count[i], step)
         monitor.reset()
         self.t0 = time.perf_counter()
+
+    def log_line(self, lr: float, steps_per_sec: float) -> None:
+        """One line of progress, what the bar would show: the step, the mean loss since the
+        last line, the speed (steps/s and images/s over the global batch), lr, time left."""
+        t = self.run.cfg.trainer
+        left = (t.n_steps - self.run.step) / max(steps_per_sec, 1e-9)
+        log.info("step %d/%d: loss %.5g%s, %.3g steps/s, %.0f img/s, lr %.3g, %s left",
+                 self.run.step, t.n_steps, self.last_loss, self.unit, steps_per_sec,
+                 steps_per_sec * t.batch_size, lr, _duration(left))
+
+
+def nll_unit(dataset_cfg) -> str:
+    """The unit of a flow's negative log-likelihood (see registry's loss=nll): bits/dim of
+    dequantized images, nats for points."""
+    return " bits/dim" if dataset_cfg.name in registry.IMAGE_DATASETS else " nats"
+
+
+def loss_unit(run: Run) -> str:
+    """The training loss's unit for the log: a likelihood's (loss=nll), else none (score
+    matching's losses are squared score errors with no common unit)."""
+    return nll_unit(run.cfg.dataset) if run.cfg.loss.name == "nll" else ""
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -865,7 +893,8 @@ def report(run: Run) -> None:
         if loss is not None:
             split = held_out_name(run.cfg.dataset)
             run.writer.add_scalar(f"{split}/loss", loss, run.step)
-            log.info("step %d: %s loss %.5g", run.step, split, loss)
+            unit = nll_unit(run.cfg.dataset) if registry.is_flow(run.cfg.model) else ""
+            log.info("step %d: %s loss %.5g%s", run.step, split, loss, unit)
             keep_if_best(run, loss)
     with _isolated_rng(run.device):
         n = run.cfg.trainer.n_plot_samples
@@ -1043,9 +1072,12 @@ def _loop(run: Run) -> Path:
                                start_batch=run.step, rows=rows)
     bar = tqdm(total=t.n_steps, initial=run.step, desc="train", dynamic_ncols=True,
                disable=not (t.progress and sys.stderr.isatty() and distributed.is_main()))
+    logger.lines = bar.disable
+    # On a terminal, log lines go through tqdm.write, above the bar instead of onto it.
+    redirect = nullcontext() if bar.disable else logging_redirect_tqdm(tqdm_class=tqdm)
     vote = distributed.StopVote()
     path = None
-    with _stop_on_signals(run) as previous_handlers, bar:
+    with _stop_on_signals(run) as previous_handlers, bar, redirect:
         while run.step < t.n_steps:
             x = next(batches).to(run.device, non_blocking=True)
             if run.step == 0:
