@@ -8,14 +8,18 @@ AveragedModel state (``module.``-prefixed keys and a counter); version 2 files a
 keep the plain state dict. Both load. ``best.pt`` (trainer.keep_best) adds
 ``best_held_out_loss``.
 Writes are atomic: a temporary file in the same folder, then a rename, so an interrupted
-write never leaves a half-written ``last.pt``.
+write never leaves a half-written ``last.pt``. ``last.pt`` is a hard link to the newest
+``step_*.pt`` (a copy where links fail), so a run's checkpoints take ``keep_last`` files' space.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +34,14 @@ class CheckpointError(Exception):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename over it."""
+    """torch.save to a temporary file beside ``path``, then rename over it. The file gets the
+    mode the umask gives new files (0644 under umask 022), like the run's other files, not
+    the temporary file's 0600: teammates on a shared cluster read checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -45,34 +52,112 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temporary_name(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    """Make ``dst`` a hard link to ``src`` (link a temporary name, then rename it over
+    ``dst``), so ``last.pt`` takes no space of its own; a copy where the file system
+    has no hard links."""
+    tmp = _temporary_name(dst)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        _atomic_copy(src, dst)
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    tmp = _temporary_name(dst)
+    try:
+        shutil.copy(src, tmp)                               # with src's mode
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
 def save_checkpoint(state: dict, ckpt_dir: str | os.PathLike, keep_last: int = 3) -> Path:
-    """Write ``step_NNNNNNNN.pt`` and ``last.pt``, keeping the newest ``keep_last`` step files."""
+    """Write ``step_NNNNNNNN.pt`` and ``last.pt`` (a hard link to it), keeping the newest
+    ``keep_last`` step files. A full disk is a one-line :class:`CheckpointError`."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / f"step_{state['step']:08d}.pt"
-    atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
-    _atomic_copy(path, ckpt_dir / "last.pt")
+    with _disk_full_is_one_line(path, state):
+        atomic_save({"format": FORMAT, "version": VERSION, **state}, path)
+        _atomic_link(path, ckpt_dir / "last.pt")
     step_files = sorted(p for p in ckpt_dir.iterdir() if STEP_FILE.match(p.name))
     for old in step_files[:-keep_last] if keep_last > 0 else step_files[:-1]:
         old.unlink()
     return path
 
 
+@contextmanager
+def _disk_full_is_one_line(path: Path, state: dict):
+    """Turn a full disk (or quota) while writing ``path`` into a :class:`CheckpointError`
+    naming the file, the space it needed and the last good checkpoint (atomic writes have
+    already removed the partial file)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"disk full writing checkpoint {path}: it needs about {_size(_nbytes(state))}, "
+            f"{_size(free)} free; the last good checkpoint is "
+            f"{_last_good(path.parent)}; free some space and resume with trainer.resume=true"
+        ) from None
+
+
+def _nbytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists, tuples): about its file's size."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
+
+
+def _last_good(ckpt_dir: Path) -> str:
+    """The checkpoint ``last.pt`` in ``ckpt_dir`` holds, named by its step file when it is one."""
+    last = ckpt_dir / "last.pt"
+    if not last.is_file():
+        return f"none (no {last} yet)"
+    for step_file in sorted(ckpt_dir.glob("step_*.pt"), reverse=True):
+        if step_file.exists() and os.path.samefile(step_file, last):
+            return f"{last} ({step_file.name})"
+    return str(last)
+
+
 def save_best(state: dict, ckpt_dir: str | os.PathLike, held_out_loss: float) -> Path:
     """Write ``best.pt``: the run at its lowest held-out loss so far, which the file keeps
     as ``best_held_out_loss`` (trainer.keep_best)."""
     path = Path(ckpt_dir) / "best.pt"
-    atomic_save({"format": FORMAT, "version": VERSION, **state,
-                 "best_held_out_loss": float(held_out_loss)}, path)
+    with _disk_full_is_one_line(path, state):
+        atomic_save({"format": FORMAT, "version": VERSION, **state,
+                     "best_held_out_loss": float(held_out_loss)}, path)
     return path
 
 
