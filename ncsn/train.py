@@ -1025,6 +1025,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> Path:
     found = distributed.broadcast_object(last.is_file())        # rank 0's run directory decides
     with distributed.all_or_none():
         ckpt = _resume_checkpoint(cfg, last, found)
+    if ckpt is not None and ckpt["step"] >= cfg.trainer.n_steps:
+        # Started again after it finished (resume=auto, a requeued job): say so rather than
+        # save and report its end a second time.
+        log.info("%s is at step %d of trainer.n_steps=%d: the run is complete, nothing to "
+                 "train (raise trainer.n_steps to train on)", last, ckpt["step"],
+                 cfg.trainer.n_steps)
+        return last
     run = build_run(cfg, run_dir, sigmas=ckpt["sigmas"] if ckpt else None)
     if ckpt is not None:
         load_state(run, ckpt)

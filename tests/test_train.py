@@ -1,4 +1,5 @@
 """The training loop: resume equality, checkpoints, NaN handling, objectives end to end."""
+import logging
 import math
 import signal
 
@@ -230,3 +231,15 @@ def test_keep_best_keeps_the_weights_of_the_lowest_held_out_loss_across_a_resume
     run = training.build_run(compose_train(TINY + best), tmp_path / "again")
     training.load_state(run, kept)
     assert original(run) == pytest.approx(loss, rel=1e-6)
+
+
+def test_a_finished_run_started_again_says_it_is_complete(tmp_path, caplog):
+    training.train(compose_train(TINY), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
+    with caplog.at_level(logging.INFO, logger="ncsn.train"):
+        path = training.train(compose_train(TINY), tmp_path)       # trainer.resume=auto
+    assert path == ckpts / "last.pt"
+    assert "the run is complete" in caplog.text and "step 40 of trainer.n_steps=40" in caplog.text
+    assert "step 40: checkpoint" not in caplog.text and "test loss" not in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
