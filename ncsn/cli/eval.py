@@ -9,8 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import (check_keys, print_help, run_cli, run_over_ranks,
+from ncsn.cli.common import (print_help, run_cli, run_over_ranks,
                              sampler_overrides)
+from ncsn.cli.precheck import check_keys, precheck
 from ncsn.config import config_dir, register_configs
 from ncsn.eval_config import register_eval_configs
 
@@ -43,6 +44,9 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-eval", "eval", SUMMARY, sys.argv[1:], groups=("dataset", "sampler"))
         return
+    from ncsn.evaluate.runner import check_request   # torch and the metrics: not for --help
+
+    precheck("ncsn-eval", "eval", check_request)
     run_over_ranks(_main)
 
 
