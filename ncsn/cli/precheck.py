@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ncsn.registry import ConfigError
 
-# Trainer keys that count something and must be at least 1; 0 or less would train nothing
-# (n_steps) or loop on an empty batch.
-AT_LEAST_ONE = ("n_steps", "batch_size", "accumulate", "ckpt_every", "log_every")
+# Trainer keys that count something and must be at least 1: n_steps=-5 trained nothing and
+# exited 0, a batch of 0 failed after the model was built, ckpt_every=0 divides by zero.
+# (log_every below 1 is read as 1.)
+AT_LEAST_ONE = ("n_steps", "batch_size", "accumulate", "ckpt_every")
 
 
 def precheck(prog: str, config_name: str, check: Callable[[DictConfig], None]) -> None:
