@@ -170,7 +170,9 @@ MISTAKES = [
     ("ncsn-train", ["dataset=swisroll", "trainer.nsteps=1"], ["dataset=swiss_roll", "nsteps"]),
     ("ncsn-sample", [], ["ckpt="]),
     ("ncsn-sample", ["out=o", "n_smaples=3"], ["n_smaples", "n_samples"]),
+    ("ncsn-sample", ["ckpt=nope.pt"], ["checkpoint not found: nope.pt"]),
     ("ncsn-eval", [], ["ckpt=PATH"]),
+    ("ncsn-eval", ["ckpt=nope.pt"], ["checkpoint not found: nope.pt"]),
 ]
 
 

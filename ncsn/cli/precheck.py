@@ -11,6 +11,7 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from ncsn.checkpoint import CheckpointError
 from ncsn.registry import ConfigError
 
 # Trainer keys that count something and must be at least 1: n_steps=-5 trained nothing and
@@ -33,7 +34,7 @@ def precheck(prog: str, config_name: str, check: Callable[[DictConfig], None]) -
         cfg = compose_checked(config_name, argv)
         check_keys(cfg)
         check(cfg)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -146,10 +147,15 @@ def check_train(cfg: DictConfig) -> None:
 
 
 def check_ckpt_given(cfg: DictConfig) -> None:
-    """``ncsn-sample`` needs a checkpoint; OmegaConf would raise MissingMandatoryValue."""
+    """``ncsn-sample`` needs a checkpoint (OmegaConf would raise MissingMandatoryValue), and
+    ``ncsn-sample`` and ``ncsn-eval`` one that exists, checked before the output folder."""
+    from ncsn.checkpoint import existing_checkpoint
+
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ConfigError("say which checkpoint to sample from: "
                           "ckpt=RUN_DIR/checkpoints/last.pt")
+    if cfg.get("ckpt") is not None:
+        existing_checkpoint(cfg.ckpt)
 
 
 def join_problems(problems: list[str]) -> str:
