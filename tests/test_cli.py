@@ -168,9 +168,12 @@ MISTAKES = [
     ("ncsn-train", ["model=mlp", "loss=anneal_dsm"], ["2 problems", "sampler=annealed_langevin",
                                                       "loss=anneal_dsm"]),
     ("ncsn-train", ["dataset=swisroll", "trainer.nsteps=1"], ["dataset=swiss_roll", "nsteps"]),
+    # experiment is optional in the defaults list: Hydra alone trained the default setup
+    ("ncsn-train", ["experiment=swisroll"], ["did you mean experiment=swissroll"]),
     ("ncsn-sample", [], ["ckpt="]),
     ("ncsn-sample", ["out=o", "n_smaples=3"], ["n_smaples", "n_samples"]),
     ("ncsn-sample", ["ckpt=nope.pt"], ["checkpoint not found: nope.pt"]),
+    ("ncsn-sample", ["ckpt=nope.pt", "experiment=swissroll"], ["unknown key 'experiment'"]),
     ("ncsn-eval", [], ["ckpt=PATH"]),
     ("ncsn-eval", ["ckpt=nope.pt"], ["checkpoint not found: nope.pt"]),
 ]

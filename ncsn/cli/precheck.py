@@ -9,7 +9,9 @@ import re
 import sys
 from typing import Callable
 
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ncsn.checkpoint import CheckpointError
 from ncsn.registry import ConfigError
@@ -43,12 +45,14 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
     """The config that ``overrides`` give, or a :class:`ConfigError` naming every override
     that does not compose: each bad one is left out in turn and the rest composed again, so
     that all of them are named at once."""
-    problems, kept = [], list(overrides)
+    # Only train.yaml has the optional experiment group.
+    problems = _missing_optional_choices(overrides) if config_name == "train" else []
+    kept = [o for o in overrides if o not in {bad for bad, _ in problems}]
     while True:
         try:
             cfg = _compose(config_name, kept)
             break
-        except Exception as err:                 # Hydra's and OmegaConf's many error types
+        except (HydraException, OmegaConfBaseException) as err:
             bad, message = _composition_problem(err, kept)
             if bad is None:
                 raise ConfigError(_first_lines(err)) from None
@@ -57,6 +61,30 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
     if problems:
         raise ConfigError(join_problems([message(cfg) for _, message in problems]))
     return cfg
+
+
+def _missing_optional_choices(overrides: list[str]) -> list:
+    """``(override, message(cfg))`` for each ``experiment=NAME`` without its file: the group
+    is optional in the defaults list, so Hydra would skip a misspelled name silently and
+    train the default setup."""
+    from pathlib import Path
+
+    from ncsn.config import config_dir
+
+    folder, problems = Path(config_dir()) / "experiment", []
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    for override in overrides:
+        key, _, name = override.partition("=")
+        if key.lstrip("+") == "experiment" and name not in options:
+            problems.append((override, _no_option("experiment", name, options)))
+    return problems
+
+
+def _no_option(group: str, choice: str, options: list[str]):
+    """``message(cfg)`` for a group option that does not exist, the nearest one first."""
+    near = difflib.get_close_matches(choice, options, n=1)
+    hint = f"did you mean {group}={near[0]}? " if near else ""
+    return lambda cfg: f"{group}={choice} is not an option; {hint}options: {', '.join(options)}"
 
 
 def _compose(config_name: str, overrides: list[str]) -> DictConfig:
@@ -80,14 +108,15 @@ def _composition_problem(err: Exception, overrides: list[str]):
         bad = _override_of(overrides, full_key)
         reason = str(cause).splitlines()[0]
         return bad, lambda cfg: f"{bad}: {reason}"
+    group = re.search(r"Could not override '([^']+)'\.\s*No match in the defaults list", str(err))
+    if group:                                    # group=NAME for a group this config lacks
+        key = group.group(1)
+        return (_override_of(overrides, key),
+                lambda cfg: unknown_key_message(key, _keys_at(cfg, key)))
     found = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
     if options is not None and found:
         group, choice = found.groups()
-        bad = _override_of(overrides, group)
-        near = difflib.get_close_matches(choice, options, n=1)
-        hint = f"did you mean {group}={near[0]}? " if near else ""
-        return bad, lambda cfg: (f"{group}={choice} is not an option; {hint}"
-                                 f"options: {', '.join(options)}")
+        return _override_of(overrides, group), _no_option(group, choice, options)
     return None, None
 
 
@@ -114,7 +143,8 @@ def unknown_key_message(full_key: str, valid: list[str]) -> str:
     near = difflib.get_close_matches(key, valid, n=3)
     hint = f"did you mean {' or '.join(prefix + k for k in near)}? " if near else ""
     where = f" in {parent}" if parent else ""
-    return f"unknown key '{full_key}'; {hint}valid keys{where}: {', '.join(valid)}"
+    listed = f"valid keys{where}: {', '.join(valid)}" if valid else ""
+    return f"unknown key '{full_key}'; {hint}{listed}".rstrip("; ")
 
 
 def check_keys(cfg: DictConfig, path: str = "") -> None:
