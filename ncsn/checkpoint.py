@@ -169,12 +169,19 @@ def best_held_out_loss(ckpt_dir: str | os.PathLike) -> float | None:
     return float(load_checkpoint(path)["best_held_out_loss"])
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load and check an ncsn checkpoint; every failure is a one-line :class:`CheckpointError`."""
+def existing_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` expanded, or a :class:`CheckpointError` where no such file is (the commands
+    check this before they make their output folder)."""
     path = Path(path).expanduser()
     if not path.is_file():
         hint = " (it is a folder: pass RUN_DIR/checkpoints/last.pt)" if path.is_dir() else ""
         raise CheckpointError(f"checkpoint not found: {path}{hint}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load and check an ncsn checkpoint; every failure is a one-line :class:`CheckpointError`."""
+    path = existing_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:

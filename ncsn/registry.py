@@ -325,6 +325,33 @@ def check_sampler(sampler_cfg, model_cfg) -> None:
                               f"{_table_only_message(model_cfg)}; use sampler.S_churn=0")
 
 
+def part_problems(cfg) -> list[str]:
+    """Every way the chosen model, loss, noise and sampler of a training config (``cfg``
+    with ``model``, ``loss``, ``noise``, ``sampler``, ``dataset``) do not fit together, one
+    message each, checked without building anything: a user fixes them all in one try
+    instead of meeting them one run at a time."""
+    loss, model = cfg.loss, cfg.model
+    annealed = loss.name == "anneal_dsm" or bool(loss.get("annealed", False))
+    checks = [lambda: check_sampler(cfg.sampler, model)]
+    if loss.name == "nll" or is_flow(model):
+        checks.append(lambda: _flow_nll(loss, model, cfg.dataset))
+    if loss.name != "nll":
+        checks += [lambda: _check_batch_statistics(loss, model),
+                   lambda: _check_conditioning(loss, model, annealed)]
+        if cfg.noise.get("continuous", False):
+            checks.append(lambda: _check_continuous(loss, model, annealed))
+    return [message for check in checks if (message := _problem(check))]
+
+
+def _problem(check: Callable[[], object]) -> str | None:
+    """The message of the :class:`ConfigError` that ``check()`` raises, or None."""
+    try:
+        check()
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
 def sigma_grid(cfg, sigmas: Tensor, table_only: bool = False) -> Tensor:
     """The sigma levels pc and heun step through, largest first: the table when
     ``num_steps`` is null; else ``num_steps`` levels between the table's ends, geometric

@@ -152,3 +152,44 @@ def test_nan_loss_is_one_line_with_step_and_sigma(tmp_path):
     line = one_line_error(result, code=1)
     assert "at step" in line and ("sigma" in line or "gradient" in line)
     assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] >= 1
+
+
+# Each mistake: one line on stderr, exit status 2, no traceback, and no run folder left
+# behind (the command is checked before Hydra makes outputs/DATE/TIME or eval/DATE_TIME).
+MISTAKES = [
+    ("ncsn-train", ["trainer.nsteps=10"], ["trainer.nsteps", "did you mean trainer.n_steps",
+                                            "batch_size"]),
+    ("ncsn-train", ["trainer.n_step=5"], ["trainer.n_step'", "trainer.n_steps"]),
+    ("ncsn-train", ["+trainer.foo=1"], ["trainer.foo", "valid keys in trainer"]),
+    ("ncsn-train", ["trainer.batch_size=-1"], ["trainer.batch_size", "-1"]),
+    ("ncsn-train", ["trainer.batch_size=0"], ["trainer.batch_size", "got 0"]),
+    ("ncsn-train", ["trainer.n_steps=-5"], ["trainer.n_steps", "-5"]),
+    ("ncsn-train", ["trainer.n_steps=many"], ["trainer.n_steps", "many"]),
+    ("ncsn-train", ["model=mlp", "loss=anneal_dsm"], ["2 problems", "sampler=annealed_langevin",
+                                                      "loss=anneal_dsm"]),
+    ("ncsn-train", ["dataset=swisroll", "trainer.nsteps=1"], ["dataset=swiss_roll", "nsteps"]),
+    # experiment is optional in the defaults list: Hydra alone trained the default setup
+    ("ncsn-train", ["experiment=swisroll"], ["did you mean experiment=swissroll"]),
+    ("ncsn-sample", [], ["ckpt="]),
+    ("ncsn-sample", ["out=o", "n_smaples=3"], ["n_smaples", "n_samples"]),
+    ("ncsn-sample", ["ckpt=nope.pt"], ["checkpoint not found: nope.pt"]),
+    ("ncsn-sample", ["ckpt=nope.pt", "experiment=swissroll"], ["unknown key 'experiment'"]),
+    ("ncsn-eval", [], ["ckpt=PATH"]),
+    ("ncsn-eval", ["ckpt=nope.pt"], ["checkpoint not found: nope.pt"]),
+]
+
+
+@pytest.mark.parametrize("command,args,words", MISTAKES,
+                         ids=[" ".join([c, *a]) for c, a, _ in MISTAKES])
+def test_mistake_is_one_line_and_leaves_no_folder(tmp_path, command, args, words):
+    line = one_line_error(run_cli(command, *args, cwd=tmp_path))
+    assert line.startswith(f"{command}: error: ")
+    for word in words:
+        assert word in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_job_checks_its_values_too(tmp_path):
+    # -m skips the check before Hydra (a sweep is not one config); each job still refuses.
+    result = run_cli("ncsn-train", "-m", "trainer.n_steps=-5", cwd=tmp_path)
+    assert result.returncode != 0 and "trainer.n_steps must be at least 1" in result.stderr

@@ -11,6 +11,7 @@ from torch.utils.data import TensorDataset
 from ncsn import registry
 from ncsn import train as training
 from ncsn.checkpoint import load_checkpoint
+from ncsn.cli.precheck import check_train
 from ncsn.config import config_dir
 from ncsn.data import Data
 from ncsn.data.images import image_config, model_space
@@ -60,6 +61,13 @@ def test_experiment_trains_one_step_at_a_tiny_size(name, tmp_path, monkeypatch):
     assert ckpt["step"] == 1 and ckpt["config"]["model"]["name"] == cfg.model.name
     if len(ckpt["data_shape"]) == 3:
         assert Image.open(tmp_path / "pictures" / "samples_00000001.png").size[0] > 1
+
+
+@pytest.mark.parametrize("overrides", [[f"experiment={name}"] for name in EXPERIMENTS]
+                         + [[f"dataset={name}"] for name in DATASETS])
+def test_every_setup_passes_the_command_line_check(overrides):
+    # ncsn-train runs check_train before Hydra starts: it must let every shipped setup through.
+    check_train(compose_train(overrides))
 
 
 def test_cifar10_with_annealed_dsm_alone_is_the_ncsnv2_setup():

@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from ncsn import registry
 from ncsn import train as training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.data import infinite_batches
@@ -147,6 +148,24 @@ def test_every_objective_trains_and_lowers_its_loss(tmp_path, overrides):
 def test_incompatible_parts_are_refused_before_training(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         training.build_run(compose_train(TINY + overrides), tmp_path)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss=anneal_dsm", "model=mlp"], "needs a noise-conditional network"),
+    (["loss=ssm", "model=cond_mlp"], "use model=mlp, or loss.annealed=true"),
+    (["model=mlp", "loss=ssm", "sampler=annealed_langevin"], "use sampler=langevin"),
+    (["model=nice", "loss=nll", "sampler=flow", "noise.continuous=true"], None),
+    (["model=mlp", "loss=nll", "sampler=langevin"], "needs an exact log-likelihood"),
+])
+def test_part_problems_are_found_without_building(overrides, message):
+    problems = registry.part_problems(compose_train(overrides))
+    assert (problems == []) if message is None else any(message in p for p in problems)
+
+
+def test_part_problems_names_every_problem_at_once():
+    problems = registry.part_problems(compose_train(["model=mlp", "loss=anneal_dsm"]))
+    assert len(problems) == 2
+    assert "sampler=annealed_langevin" in problems[0] and "loss=anneal_dsm" in problems[1]
 
 
 def test_auto_sigma_rules_measure_the_data(tmp_path):

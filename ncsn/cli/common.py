@@ -1,7 +1,6 @@
-"""What the command-line entry points share: the key check and one-line errors."""
+"""What the command-line entry points share: one-line errors, ranks and ``--help``."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -17,22 +16,6 @@ log = logging.getLogger("ncsn")
 
 class JobFailed(RuntimeError):
     """A job of Hydra's submitit launcher failed; the message is the command's one line."""
-
-
-def check_keys(cfg: DictConfig, path: str = "") -> None:
-    """Fail on keys that no schema declares. Hydra's ``+key=value`` adds keys past the
-    schemas; a typo there would otherwise be ignored for a whole run."""
-    schema = cfg._metadata.object_type
-    if dataclasses.is_dataclass(schema):
-        fields = {f.name for f in dataclasses.fields(schema)}
-        for key in cfg.keys():
-            if key not in fields:
-                raise ConfigError(f"unknown key '{path}{key}'; valid keys here: "
-                                  f"{', '.join(sorted(fields))}")
-    for key in cfg.keys():
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
-            check_keys(node, f"{path}{key}.")
 
 
 def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict | None]:

@@ -9,8 +9,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import (check_keys, print_help, run_cli, run_over_ranks,
+from ncsn.cli.common import (print_help, run_cli, run_over_ranks,
                              sampler_overrides)
+from ncsn.cli.precheck import check_ckpt_given, check_keys, precheck
 from ncsn.config import config_dir, register_configs
 from ncsn.eval_config import register_eval_configs
 
@@ -36,6 +37,14 @@ def _main(cfg: DictConfig) -> None:
     run_cli("ncsn-eval", job, expected=(InceptionWeightsNotFound,))
 
 
+def _check_request(cfg: DictConfig) -> None:
+    """What to score is named, and a checkpoint named exists: before the run's folder."""
+    from ncsn.evaluate.runner import check_request   # the metrics' imports: not for --help
+
+    check_request(cfg)
+    check_ckpt_given(cfg)
+
+
 def main() -> None:
     # `ncsn-eval stats ...` is the sub-command for reference statistics: mode=stats for Hydra
     if len(sys.argv) > 1 and sys.argv[1] == "stats":
@@ -43,6 +52,7 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-eval", "eval", SUMMARY, sys.argv[1:], groups=("dataset", "sampler"))
         return
+    precheck("ncsn-eval", "eval", _check_request)
     run_over_ranks(_main)
 
 

@@ -10,8 +10,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ncsn.cli.common import (check_keys, print_help, run_cli, run_over_ranks,
+from ncsn.cli.common import (print_help, run_cli, run_over_ranks,
                              sampler_overrides)
+from ncsn.cli.precheck import check_ckpt_given, check_keys, precheck
 from ncsn.config import config_dir, register_configs
 
 register_configs()
@@ -26,6 +27,7 @@ def _main(cfg: DictConfig) -> None:
 
     def job():
         check_keys(cfg)
+        check_ckpt_given(cfg)
         ckpt = load_checkpoint(cfg.ckpt)
         keys, replaced = sampler_overrides(cfg, HydraConfig.get().overrides.task)
         sampler_cfg = sampler_config(ckpt["config"]["sampler"], keys, replaced)
@@ -41,6 +43,7 @@ def main() -> None:
                    "ncsn-sample ckpt=RUN/checkpoints/last.pt out=DIR n_samples=5000",
                    sys.argv[1:], groups=("sampler",))
         return
+    precheck("ncsn-sample", "sample", check_ckpt_given)
     run_over_ranks(_main)
 
 

@@ -7,7 +7,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import check_keys, print_help, run_cli, run_over_ranks
+from ncsn.cli.common import print_help, run_cli, run_over_ranks
+from ncsn.cli.precheck import check_keys, check_train, precheck
 from ncsn.config import config_dir, register_configs
 
 register_configs()
@@ -21,6 +22,7 @@ def _main(cfg: DictConfig) -> None:
     def job():
         distributed.init_distributed()          # the tasks of a SLURM job join here
         check_keys(cfg)
+        check_train(cfg)                        # each job of a sweep too
         return train(cfg, HydraConfig.get().runtime.output_dir)
     run_cli("ncsn-train", job)
 
@@ -29,6 +31,7 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-train", "train", "train a score-based generative model. Example: ncsn-train experiment=swissroll", sys.argv[1:])
         return
+    precheck("ncsn-train", "train", check_train)
     run_over_ranks(_main)
 
 

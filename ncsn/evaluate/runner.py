@@ -20,6 +20,22 @@ from ncsn.registry import ConfigError
 log = logging.getLogger(__name__)
 
 
+def check_request(cfg) -> list[str]:
+    """The inputs a ``mode=score`` request names (exactly one of ``ckpt``, ``samples``,
+    ``run``, ``sweep``), or a :class:`ConfigError` saying what to pass; ``mode=stats`` names
+    none. ``ncsn-eval`` checks this before Hydra makes the run's folder."""
+    if cfg.mode == "stats":
+        return []
+    if cfg.mode != "score":
+        raise ConfigError(f"mode must be score or stats, got {cfg.mode!r}")
+    given = [k for k in ("ckpt", "samples", "run", "sweep") if cfg.get(k) is not None]
+    if len(given) != 1:
+        raise ConfigError("give one of ckpt=PATH, samples=DIR_OR_NPZ, run=RUN_DIR or "
+                          f"sweep=MULTIRUN_DIR (got {', '.join(given) or 'none'}); or "
+                          "ncsn-eval stats dataset=NAME")
+    return given
+
+
 def run(cfg, out_dir: str | Path, sampler_overrides: dict | None = None,
         sampler_replace: dict | None = None) -> dict:
     """Everything ``ncsn-eval`` does, from a composed :class:`ncsn.eval_config.EvalConfig`:
@@ -33,13 +49,7 @@ def run(cfg, out_dir: str | Path, sampler_overrides: dict | None = None,
                               f"{distributed.world_size()} ranks: start it without torchrun "
                               f"or srun")
         return run_stats(cfg, out_dir, options)
-    if cfg.mode != "score":
-        raise ConfigError(f"mode must be score or stats, got {cfg.mode!r}")
-    given = [k for k in ("ckpt", "samples", "run", "sweep") if cfg.get(k) is not None]
-    if len(given) != 1:
-        raise ConfigError("give one of ckpt=PATH, samples=DIR_OR_NPZ, run=RUN_DIR or "
-                          f"sweep=MULTIRUN_DIR (got {', '.join(given) or 'none'}); or "
-                          "ncsn-eval stats dataset=NAME")
+    given = check_request(cfg)
     if distributed.is_distributed() and cfg.get("ckpt") is None and cfg.get("run") is None:
         raise ConfigError(f"{given[0]}= is scored in "
                           f"one process, not over {distributed.world_size()} ranks: start "
