@@ -66,12 +66,16 @@ class CheckpointSampler:
     nfe: list[int] = field(default_factory=list)   # network evaluations of each batch run
 
     def nfe_summary(self) -> str:
-        """The network evaluations per sample of the batches run so far, e.g. ``"35"`` or,
-        for the adaptive ODE solver, ``"104.5 (98 to 111 over 2 batches)"``."""
-        if not self.nfe or min(self.nfe) == max(self.nfe):
-            return str(self.nfe[0]) if self.nfe else "none"
-        return (f"{sum(self.nfe) / len(self.nfe):.1f} ({min(self.nfe)} to {max(self.nfe)} "
-                f"over {len(self.nfe)} batches)")
+        """The network evaluations per sample of the batches run so far, e.g. ``"35 network
+        evaluations"``, ``"1 network evaluation"`` (a flow) or, for the adaptive ODE solver,
+        ``"104.5 network evaluations (98 to 111 over 2 batches)"``."""
+        if not self.nfe:
+            return "no network evaluations"
+        if min(self.nfe) == max(self.nfe):
+            n = self.nfe[0]
+            return f"{n} network evaluation{'' if n == 1 else 's'}"
+        return (f"{sum(self.nfe) / len(self.nfe):.1f} network evaluations ({min(self.nfe)} to "
+                f"{max(self.nfe)} over {len(self.nfe)} batches)")
 
     @property
     def is_image(self) -> bool:

@@ -56,7 +56,7 @@ def write_samples(ckpt: dict, sampler_cfg, cfg, out: Path) -> Path:
     else:
         written = jobs[cfg.mode](sampler, cfg, out)
     if sampler.nfe:
-        log.info("NFE: %s network evaluations per sample (sampler=%s)", sampler.nfe_summary(),
+        log.info("NFE: %s per sample (sampler=%s)", sampler.nfe_summary(),
                  sampler.sampler_cfg.name)
     return written
 

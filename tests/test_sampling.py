@@ -181,3 +181,13 @@ def test_ncsnv2_step_lr_is_in_the_samplers_convention():
     ratio = (out.var() / sigmas[1] ** 2).item()
     assert ratio == pytest.approx(f, abs=5 * f * math.sqrt(2 / (n - 1)))
     assert abs(f - 1) < abs(gamma ** 2 - 1)                      # the rule brings it nearer 1
+
+
+def test_the_nfe_summary_counts_in_words():
+    from ncsn.generate import CheckpointSampler
+
+    def summary(nfe):
+        return CheckpointSampler(None, None, None, None, (2,), None, nfe=nfe).nfe_summary()
+    assert summary([1]) == "1 network evaluation"
+    assert summary([35, 35]) == "35 network evaluations"
+    assert summary([98, 111]) == "104.5 network evaluations (98 to 111 over 2 batches)"

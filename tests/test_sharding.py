@@ -207,3 +207,10 @@ def test_accumulating_a_batch_normalised_flow_is_refused(tmp_path):
     with pytest.raises(registry.ConfigError, match="normalise each micro-batch by its own"):
         training.build_run(compose_train(REALNVP_BATCH_NORM + ["trainer.accumulate=2"]),
                            tmp_path)
+
+
+def test_loader_workers_are_at_most_the_cpus_this_process_may_use(monkeypatch):
+    from ncsn import data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert [data.usable_workers(n) for n in (0, 1, 2, 4, 64)] == [0, 1, 2, 2, 2]

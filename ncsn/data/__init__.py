@@ -6,6 +6,7 @@ rescaling or the logit transform for images, back to [0, 1]).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -75,6 +76,14 @@ class _RankRows(Sampler):
             step += 1
 
 
+def usable_workers(requested: int) -> int:
+    """DataLoader workers for ``requested``: at most the CPUs this process may run on (its
+    affinity: what SLURM's --cpus-per-task or taskset leave it), since more workers than
+    CPUs only contend with each other and with the training step."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(requested, cpus or 1))
+
+
 def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator,
                      num_workers: int = 0, start_batch: int = 0, seed: int | None = None,
                      rows: slice | None = None) -> Iterator[Tensor]:
@@ -84,7 +93,8 @@ def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generat
     An in-memory ``TensorDataset`` (2-D points) is indexed directly: each global batch
     draws its indices with ``generator``, whose state is checkpointed, and keeps ``rows``.
     Any other dataset goes through a DataLoader that reads, decodes and transforms only
-    ``rows`` of each global batch, in ``num_workers`` workers of this process: the global
+    ``rows`` of each global batch, in ``num_workers`` workers of this process (at most its
+CPUs: :func:`usable_workers`): the global
     order and each image's random transforms are functions of ``seed`` (by default
     ``generator``'s initial seed), the step and the row (:mod:`ncsn.data.order`), so a run
     resumed at step ``start_batch`` continues mid-epoch exactly, under any world size.
@@ -95,6 +105,7 @@ def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generat
         while True:
             yield tensor[torch.randint(len(tensor), (batch_size,), generator=generator)[rows]]
     seed = generator.initial_seed() if seed is None else seed
+    num_workers = usable_workers(num_workers)
     loader = DataLoader(_SeededItems(dataset),
                         batch_sampler=_RankRows(len(dataset), batch_size, seed, rows, start_batch),
                         num_workers=num_workers, pin_memory=torch.cuda.is_available(),

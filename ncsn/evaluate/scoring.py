@@ -274,7 +274,7 @@ def score_checkpoint(ckpt: dict, metrics: Sequence[str], draw: Draw, tools: Inst
                      "dataset": name, "sampler": OmegaConf.to_container(sampler_cfg)}
     if sampler.nfe:
         scores.source["nfe"] = sampler.nfe
-        scores.notes.append(f"NFE: {sampler.nfe_summary()} network evaluations per sample "
+        scores.notes.append(f"NFE: {sampler.nfe_summary()} per sample "
                             f"(sampler={sampler_cfg.name})")
     if "score_error" in metrics:
         _score_error(ckpt, draw, tools, scores)
