@@ -270,26 +270,15 @@ class DropoutStream:
         seed = derived_seed(self.seed, 2, distributed.rank(), step)
         self.state = torch.Generator(self.device).manual_seed(seed).get_state()
 
-    def _get(self) -> Tensor:
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
-
-    def _set(self, state: Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
-
     def _enter(self, module: nn.Module, args) -> None:
         if module.training and self.state is not None:
-            self.saved = self._get()
-            self._set(self.state)
+            self.saved = _generator_state(self.device)
+            _set_generator_state(self.device, self.state)
 
     def _leave(self, module: nn.Module, args, output) -> None:
         if self.saved is not None:
-            self.state = self._get()
-            self._set(self.saved)
+            self.state = _generator_state(self.device)
+            _set_generator_state(self.device, self.saved)
             self.saved = None
 
 
@@ -549,16 +538,28 @@ def _backward(run: Run, x: Tensor, rows: slice, global_batch: int) -> tuple[Tens
     return torch.cat(parts), labels
 
 
+def _generator_state(device: torch.device) -> Tensor:
+    """The state of torch's default generator for ``device`` (the CPU's or the GPU's)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_generator_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
     """torch's global random state: the CPU generator's, and the device's on CUDA."""
     return (torch.get_rng_state(),
-            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+            _generator_state(device) if device.type == "cuda" else None)
 
 
 def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
+        _set_generator_state(device, state[1])
 
 
 def check_finite(run: Run) -> None:
