@@ -185,10 +185,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
+        # The inner error's first line, whole (torch's later lines are advice for pickles).
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                              f"not a torch file ({reason[:160]}); pick another file from its "
-                              f"checkpoints/ folder") from None
+                              f"not a torch file ({reason}); pick another file from its "
+                              f"checkpoints/ folder (ncsn-train: trainer.resume=PATH)") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ncsn checkpoint (no format='ncsn' tag); "
                               f"pass a file written by ncsn-train")

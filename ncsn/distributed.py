@@ -233,6 +233,14 @@ def broadcast_object(obj):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+def rank_share(n: int) -> range:
+    """This rank's contiguous part of ``n`` samples: the first ``n mod N`` of N ranks draw
+    one more than the others; all of them in one process."""
+    size, extra = divmod(n, world_size())
+    k = rank()
+    start = k * size + min(k, extra)
+    return range(start, start + size + (k < extra))
+
 
 def gather_to_main(obj) -> list | None:
     """Every rank's ``obj`` (picklable; tensors on the CPU) on rank 0, in rank order; None

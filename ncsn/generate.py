@@ -17,7 +17,7 @@ from ncsn.config import SCHEMAS
 from ncsn.data.images import IMAGE_DATASETS, image_config, model_space
 from ncsn.image_sampling import TrajectoryRecorder
 from ncsn.sampling import CountingNet, per_sample_noise
-from ncsn.train import plain_ema_state, resolve_device
+from ncsn.training import plain_ema_state, resolve_device
 
 
 def model_from_checkpoint(ckpt: dict, use_ema: bool = True,

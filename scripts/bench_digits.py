@@ -27,7 +27,7 @@ from ncsn.config import config_dir, register_configs
 from ncsn.generate import sample_batches, sampler_config
 from ncsn.image_io import save_picture
 from ncsn.metrics.digits import digits_metrics, digits_split, load_digits_classifier
-from ncsn.train import train
+from ncsn.training import train
 
 
 def train_digits(overrides: list[str], run_dir: Path) -> tuple[Path, float, int]:

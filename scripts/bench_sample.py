@@ -6,7 +6,7 @@
 Each (network, option set) runs in its own process: annealed Langevin over the first
 ``--levels`` noise levels of the network's paper setup (its n_steps_each steps each, then
 the denoising step when the setup has it), on a batch of ``--batch`` chains, through
-``ncsn.train.draw_samples`` (the picture sampling of a training run: EMA weights, the run's
+``ncsn.training.draw_samples`` (the picture sampling of a training run: EMA weights, the run's
 autocast). It reports network evaluations per second (one evaluation = the network on the
 whole batch), images-evaluations per second, FLOPs per image and evaluation
 (torch.utils.flop_counter), the model FLOPs utilisation against a large matmul measured in
@@ -30,7 +30,7 @@ from bench_train import (NETWORKS, OPTIONS, compose_cfg, in_subprocess, machine,
                          matmul_peak, peak_memory_mb, synthetic_data)
 
 from ncsn import registry  # noqa: E402
-from ncsn import train as training  # noqa: E402
+from ncsn import training  # noqa: E402
 
 CPU_OPTIONS = ["fp32_eager", "default", "bf16", "channels_last", "compile"]
 CUDA_OPTIONS = ["fp32_eager", "default", "tf32", "bf16", "channels_last", "compile",
@@ -57,10 +57,10 @@ def measure_one(network: str, option: str, device: str, batch: int, levels: int)
     training.seconds_per_evaluation(run, batch)                      # warm-up (and compile)
     warmup_s = time.perf_counter() - start
     estimate = training.seconds_per_evaluation(run, batch)
-    training._synchronize(run.device)
+    training.synchronize(run.device)
     start = time.perf_counter()
     samples = training.draw_samples(run, batch)
-    training._synchronize(run.device)
+    training.synchronize(run.device)
     seconds = time.perf_counter() - start
     peak = matmul_peak(run.device, run.speed.amp_dtype or torch.float32)
     evaluations_per_s = nfe / seconds

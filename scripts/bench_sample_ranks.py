@@ -35,7 +35,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ncsn import sampling
-from ncsn import train as training
+from ncsn import training
 from ncsn.config import config_dir, register_configs
 
 register_configs()

@@ -40,7 +40,7 @@ from ncsn.generate import model_from_checkpoint, sampler_config
 from ncsn.metrics import sliced_wasserstein
 from ncsn.metrics.digits import digits_metrics, digits_split, load_digits_classifier
 from ncsn.sampling import CountingNet
-from ncsn.train import train
+from ncsn.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "OMP_NUM_THREADS=1 python scripts/bench_samplers.py"

@@ -22,7 +22,7 @@ from ncsn.config import config_dir, register_configs
 from ncsn.data.toy import swiss_roll
 from ncsn.generate import sample
 from ncsn.metrics.toy import sliced_wasserstein
-from ncsn.train import train
+from ncsn.training import train
 
 N_POINTS, N_DRAWS, N_SEEDS = 5000, 5, 3
 

@@ -6,7 +6,7 @@
     python scripts/bench_train.py --contention     # the quick start beside two busy processes
 
 Each (network, option set) runs in its own process (its own threads, compile caches and
-peak memory): a few warm-up steps, then ``--steps`` timed ones of ``ncsn.train.train_step``
+peak memory): a few warm-up steps, then ``--steps`` timed ones of ``ncsn.training.train_step``
 on random data of the dataset's shape (a step's cost does not depend on the pixels). It
 reports images per second, peak memory (CUDA: max allocated; CPU: the process's peak
 resident set), FLOPs per image of a whole step (forward and backward) counted with
@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from ncsn import registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.config import config_dir, register_configs
 from ncsn.data import Data
 
@@ -90,11 +90,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> floa
     for _ in range(2):
         a @ b
     repeats = 20 if device.type == "cuda" else 3
-    training._synchronize(device)
+    training.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    training._synchronize(device)
+    training.synchronize(device)
     return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
@@ -130,7 +130,7 @@ def measure_one(network: str, option: str, device: str, batch: int | None, steps
     start = time.perf_counter()
     for _ in range(warmup):
         training.train_step(run, x)
-    training._synchronize(run.device)
+    training.synchronize(run.device)
     warmup_s = time.perf_counter() - start
     windows = []
     for _ in range(REPEATS):                 # the best of a few windows: the CPU is shared
@@ -138,7 +138,7 @@ def measure_one(network: str, option: str, device: str, batch: int | None, steps
         for _ in range(steps):
             training.train_step(run, x)
         training.check_finite(run)                                 # reads the device: syncs
-        training._synchronize(run.device)
+        training.synchronize(run.device)
         windows.append((time.perf_counter() - start) / steps)
     seconds = min(windows)
     peak = matmul_peak(run.device, run.speed.amp_dtype or torch.float32)

@@ -47,7 +47,7 @@ from ncsn.evaluate.nll import held_out_split
 from ncsn.flows import negative_log_likelihood
 from ncsn.generate import model_from_checkpoint
 from ncsn.registry import build_data, data_space_map
-from ncsn.train import train
+from ncsn.training import train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -165,6 +165,8 @@ MISTAKES = [
     ("ncsn-train", ["trainer.batch_size=0"], ["trainer.batch_size", "got 0"]),
     ("ncsn-train", ["trainer.n_steps=-5"], ["trainer.n_steps", "-5"]),
     ("ncsn-train", ["trainer.n_steps=many"], ["trainer.n_steps", "many"]),
+    ("ncsn-train", ["trainer.resume=runs/x/last.pt"], ["trainer.resume=runs/x/last.pt",
+                                                       "checkpoint not found"]),
     ("ncsn-train", ["model=mlp", "loss=anneal_dsm"], ["2 problems", "sampler=annealed_langevin",
                                                       "loss=anneal_dsm"]),
     ("ncsn-train", ["dataset=swisroll", "trainer.nsteps=1"], ["dataset=swiss_roll", "nsteps"]),

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from ncsn import GaussianMixture, losses, registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.generate import model_from_checkpoint
 from ncsn.noise import geometric_sigmas, sigma_index

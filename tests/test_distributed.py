@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ncsn import distributed, losses, registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from conftest import BIN, TINY, compose_train, spawn_ranks
 
@@ -247,7 +247,7 @@ def test_the_previous_handler_gets_the_signal_after_the_checkpoint(tmp_path, mon
         if run.step == 7:
             os.kill(os.getpid(), signal.SIGUSR2)
         return stats
-    monkeypatch.setattr(training, "train_step", signalled)
+    monkeypatch.setattr(training.loop, "train_step", signalled)
     try:
         with pytest.raises(training.TrainingInterrupted) as stopped:
             training.train(compose_train(TINY), tmp_path)

@@ -21,7 +21,7 @@ from ncsn.metrics import fid_inception_v3, inception_score
 from ncsn.metrics.digits import digits_split
 from ncsn.metrics.inception import WEIGHTS_FILE, WEIGHTS_URL
 from ncsn.registry import ConfigError
-from ncsn.train import train
+from ncsn.training import train
 from conftest import TINY, compose_train, run_cli
 
 register_eval_configs()

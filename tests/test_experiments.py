@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from ncsn import registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.cli.precheck import check_train
 from ncsn.config import config_dir

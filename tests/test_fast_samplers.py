@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from scipy.integrate import solve_ivp
 
 from ncsn import GaussianMixture, registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.generate import load_sampler, sampler_config
 from ncsn.noise import geometric_sigmas

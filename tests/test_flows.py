@@ -320,7 +320,7 @@ def test_nll_metric_scores_a_flow_by_its_exact_log_density_as_training_does(tmp_
 
     from ncsn import evaluate as ev
     from ncsn.checkpoint import load_checkpoint
-    from ncsn.train import build_run, test_loss, train
+    from ncsn.training import build_run, test_loss, train
 
     torch.set_default_dtype(torch.float32)
     overrides = ["experiment=nice_digits", "dataset.logit_transform=false",
@@ -454,7 +454,7 @@ def test_score_matching_is_refused_for_a_batch_normed_realnvp_in_one_line(loss):
 def test_the_test_loss_scores_a_batch_normed_flow_with_its_running_averages(tmp_path):
     from conftest import compose_train
 
-    from ncsn.train import build_run, test_loss
+    from ncsn.training import build_run, test_loss
 
     torch.set_default_dtype(torch.float32)
     run = build_run(compose_train(["experiment=realnvp_digits", "model.norm=batch",
@@ -480,7 +480,7 @@ def test_pictures_and_flop_counts_leave_a_batch_normalised_flows_running_average
         tmp_path):
     from conftest import compose_train
     from ncsn.checkpoint import load_checkpoint
-    from ncsn.train import train
+    from ncsn.training import train
 
     torch.set_default_dtype(torch.float32)
     base = ["dataset=moons", "model=realnvp", "model.norm=batch", "model.hidden=16",

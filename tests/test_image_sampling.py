@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from ncsn import train as training
+from ncsn import training
 from ncsn.config import config_dir
 from ncsn.data.images import ModelSpace
 from ncsn.evaluate.files import SampleFiles

@@ -13,7 +13,7 @@ from ncsn.data.toy import GaussianMixture
 from ncsn.likelihood import (bits_per_dim, draw_probes, log_likelihood,
                              model_space_log_det)
 from ncsn.registry import ConfigError
-from ncsn.train import train
+from ncsn.training import train
 from conftest import TINY, compose_train
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 1e4   # N(0, sigma_max^2 I) for p_sigma_max costs ~ |mean| / sigma_max

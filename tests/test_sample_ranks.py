@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 
 from ncsn import distributed, sampling
 from ncsn import evaluate as ev
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.config import config_dir
 from ncsn.eval_config import register_eval_configs
@@ -133,7 +133,7 @@ def _fitted_to_a_short_timeout(run):
     logged = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())
-    logging.getLogger("ncsn.train").addHandler(handler)
+    logging.getLogger("ncsn.training").addHandler(handler)
     return training.samples_within_timeout(run, 8), logged
 
 
@@ -166,7 +166,7 @@ def test_two_ranks_write_the_samples_one_process_writes(two_ranks, toy_ckpt, tmp
 
 def test_the_training_pictures_are_split_over_the_ranks(two_ranks, tmp_path):
     _, (rank0, rank1) = two_ranks
-    assert training.rank_share(7) == range(7)
+    assert distributed.rank_share(7) == range(7)
     run = training.build_run(compose_train(TINY), tmp_path)
     samples, trajectory = training.draw_samples(run, 7, return_trajectory=True)
     gathered, gathered_trajectory = rank0["pictures"]

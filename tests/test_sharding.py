@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ncsn import distributed, registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.data import training_batches
 from ncsn.data.images import build_image_data

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.tensorboard import SummaryWriter
 
 from conftest import BIN, REPO, TINY, compose_train, run_cli
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.config import config_dir
 from ncsn.evaluate.multirun import format_sweep_table, sweep_jobs, sweep_table

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
+from ncsn.registry import ConfigError
 from ncsn.data import infinite_batches, training_batches
 from ncsn.data.images import build_image_data
 from conftest import TINY, compose_train
@@ -69,13 +70,13 @@ def test_options_are_what_they_say(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert training.resolve_precision("auto", cpu) == "fp32"
     for amx in (False, True):                 # bf16 for large networks on a CPU with AMX only
-        monkeypatch.setattr(training, "_cpu_multiplies_bf16", lambda: amx)
-        assert training.resolve_precision("auto", cpu, 0.9 * training.CPU_BF16_FLOPS) == "fp32"
-        assert training.resolve_precision("auto", cpu, training.CPU_BF16_FLOPS) == (
+        monkeypatch.setattr(training.speed, "_cpu_multiplies_bf16", lambda: amx)
+        assert training.resolve_precision("auto", cpu, 0.9 * training.speed.CPU_BF16_FLOPS) == "fp32"
+        assert training.resolve_precision("auto", cpu, training.speed.CPU_BF16_FLOPS) == (
             "bf16" if amx else "fp32")
-    with pytest.raises(training.registry.ConfigError, match="trainer.precision must be one of"):
+    with pytest.raises(ConfigError, match="trainer.precision must be one of"):
         training.resolve_precision("fp8", cpu)
-    with pytest.raises(training.registry.ConfigError, match="tf32 is a CUDA matmul mode"):
+    with pytest.raises(ConfigError, match="tf32 is a CUDA matmul mode"):
         training.resolve_precision("tf32", cpu)
 
 
@@ -92,7 +93,7 @@ def test_deferred_check_stops_a_nan_run_keeping_the_last_good_checkpoint(
             x = x.clone()
             x[0, 0] = math.nan
         return real(run, x, *shard)
-    monkeypatch.setattr(training, "train_step", poisoned)
+    monkeypatch.setattr(training.loop, "train_step", poisoned)
     cfg = compose_train(TINY + [f"trainer.log_every={log_every}"])
     with pytest.raises(training.NonFiniteLossError,
                        match=rf"loss became nan at step 26 at sigma \d.*found at step {found}"):
@@ -180,11 +181,11 @@ def test_num_threads_auto_counts_the_steps_flops(tmp_path, monkeypatch):
     assert training.step_flops(run) == 3 * batch * 2 * (2 * h + h * h + h * 2)
     assert torch.get_num_threads() == 1
     # A large step: the cores the other processes leave free, within [1, torch's default].
-    monkeypatch.setattr(training, "ONE_THREAD_FLOPS", 1.0)
+    monkeypatch.setattr(training.speed, "ONE_THREAD_FLOPS", 1.0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
-    monkeypatch.setattr(training.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(training.speed.os, "cpu_count", lambda: 8)
     for load, threads in ((0.0, 7), (4.8, 3), (20.0, 1)):
-        monkeypatch.setattr(training.os, "getloadavg", lambda: (load, load, load))
+        monkeypatch.setattr(training.speed.os, "getloadavg", lambda: (load, load, load))
         assert training.auto_num_threads(run) == threads
 
 
@@ -217,7 +218,7 @@ def test_picture_sampling_logs_the_evaluations_it_then_makes(tmp_path, caplog, m
     run = training.build_run(compose_train(TINY + ["trainer.n_plot_samples=16"]), tmp_path)
     calls = []
     run.ema.module.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
-    with caplog.at_level(logging.INFO, logger="ncsn.train"):
+    with caplog.at_level(logging.INFO, logger="ncsn.training"):
         training.log_sampling_cost(run, 16)
     timed = len(calls)
     training.draw_samples(run, 16)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ncsn import registry
-from ncsn import train as training
+from ncsn import training
 from ncsn.checkpoint import load_checkpoint
 from ncsn.data import infinite_batches
 from ncsn.registry import ConfigError
@@ -46,11 +46,11 @@ def test_run_interrupted_by_a_signal_resumes_to_the_same_weights(tmp_path, monke
         if run.step == 25:
             run.stop_signal = signal.SIGTERM                      # as the handler would
         return stats
-    monkeypatch.setattr(training, "train_step", signalled)
+    monkeypatch.setattr(training.loop, "train_step", signalled)
     with pytest.raises(training.TrainingInterrupted) as stopped:
         training.train(compose_train(TINY + extra), tmp_path / "b")
     assert stopped.value.step == 25
-    monkeypatch.setattr(training, "train_step", real)
+    monkeypatch.setattr(training.loop, "train_step", real)
     resumed = training.train(compose_train(TINY + extra + ["trainer.resume=true"]), tmp_path / "b")
     for key, value in weights(straight)[0].items():
         assert torch.equal(value, weights(resumed)[0][key]), key
@@ -65,6 +65,46 @@ def test_resume_refuses_a_different_model(tmp_path):
 def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
     with pytest.raises(Exception, match="trainer.resume=true but there is no .*last.pt"):
         training.train(compose_train(TINY + ["trainer.resume=true"]), tmp_path)
+
+
+def test_resume_from_a_path_continues_another_runs_checkpoint(tmp_path):
+    # trainer.resume=PATH: any run's checkpoint, continued in this run's own folder, to the
+    # weights the uninterrupted run reaches.
+    straight = training.train(compose_train(TINY + ["trainer.n_steps=40"]), tmp_path / "a")
+    training.train(compose_train(TINY + ["trainer.n_steps=40", "trainer.ckpt_every=20"]),
+                   tmp_path / "b")
+    step_20 = tmp_path / "b" / "checkpoints" / "step_00000020.pt"
+    resumed = training.train(compose_train(TINY + ["trainer.n_steps=40",
+                                                   f"trainer.resume={step_20}"]), tmp_path / "c")
+    assert resumed == tmp_path / "c" / "checkpoints" / "last.pt"
+    assert weights(resumed)[2] == 40
+    for key, value in weights(straight)[0].items():
+        assert torch.equal(value, weights(resumed)[0][key]), key
+    with pytest.raises(Exception, match=r"trainer.resume=nope.pt: checkpoint not found: "):
+        training.train(compose_train(TINY + ["trainer.resume=nope.pt"]), tmp_path / "d")
+
+
+def test_a_corrupt_last_pt_falls_back_to_the_newest_readable_step_file(tmp_path, caplog):
+    straight = training.train(compose_train(TINY + ["trainer.n_steps=60"]), tmp_path / "a")
+    half = TINY + ["trainer.n_steps=30", "trainer.ckpt_every=10", "trainer.keep_last=3"]
+    training.train(compose_train(half), tmp_path / "b")
+    ckpt_dir = tmp_path / "b" / "checkpoints"
+    # A crash mid-write leaves last.pt (and its own step file: they are one file) truncated.
+    (ckpt_dir / "last.pt").unlink()
+    (ckpt_dir / "step_00000030.pt").write_bytes(b"PK\x03\x04 truncated")
+    (ckpt_dir / "last.pt").hardlink_to(ckpt_dir / "step_00000030.pt")
+    with caplog.at_level(logging.WARNING, logger="ncsn.training"):
+        resumed = training.train(compose_train(TINY + ["trainer.n_steps=60"]), tmp_path / "b")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "cannot read checkpoint" in warning and "step_00000020.pt" in warning
+    for key, value in weights(straight)[0].items():
+        assert torch.equal(value, weights(resumed)[0][key]), key
+    # Nothing readable at all: one line naming every file tried, and nothing overwritten.
+    for path in ckpt_dir.glob("*.pt"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(Exception, match="no checkpoint in .* can be read .*trainer.resume=false"):
+        training.train(compose_train(TINY + ["trainer.n_steps=90"]), tmp_path / "b")
+    assert all(p.read_bytes() == b"garbage" for p in ckpt_dir.glob("*.pt"))
 
 
 def test_checkpoints_are_plain_and_only_the_last_k_are_kept(tmp_path):
@@ -101,7 +141,7 @@ def test_nan_loss_stops_with_step_and_sigma_and_keeps_the_last_checkpoint(tmp_pa
             x = x.clone()
             x[0, 0] = math.nan
         return real(run, x, *shard)
-    monkeypatch.setattr(training, "train_step", poisoned)
+    monkeypatch.setattr(training.loop, "train_step", poisoned)
     with pytest.raises(training.NonFiniteLossError, match=r"loss became nan at step 26 at sigma \d"):
         training.train(cfg, tmp_path)
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 20
@@ -238,7 +278,7 @@ def test_keep_best_keeps_the_weights_of_the_lowest_held_out_loss_across_a_resume
         loss = original(run, **kwargs)
         scored.append((run.step, loss))
         return loss
-    monkeypatch.setattr(training, "test_loss", recording)
+    monkeypatch.setattr(training.pictures, "test_loss", recording)
     best = ["trainer.keep_best=true", "trainer.sample_every=5", "optim.lr=3e-2"]
     training.train(compose_train(TINY + best), tmp_path)
     training.train(compose_train(TINY + best + ["trainer.n_steps=70"]), tmp_path)
@@ -256,7 +296,7 @@ def test_a_finished_run_started_again_says_it_is_complete(tmp_path, caplog):
     training.train(compose_train(TINY), tmp_path)
     ckpts = tmp_path / "checkpoints"
     before = {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()}
-    with caplog.at_level(logging.INFO, logger="ncsn.train"):
+    with caplog.at_level(logging.INFO, logger="ncsn.training"):
         path = training.train(compose_train(TINY), tmp_path)       # trainer.resume=auto
     assert path == ckpts / "last.pt"
     assert "the run is complete" in caplog.text and "step 40 of trainer.n_steps=40" in caplog.text

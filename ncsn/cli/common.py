@@ -42,7 +42,7 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
     reports an exception, while an exit would leave it waiting for a result that never
     comes (an interrupted job still exits: SLURM requeues it)."""
     from ncsn.distributed import RankFailed, shutdown
-    from ncsn.train import NonFiniteLossError, TrainingInterrupted
+    from ncsn.training import NonFiniteLossError, TrainingInterrupted
 
     def fail(message: str, code: int):
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)

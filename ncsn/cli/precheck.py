@@ -172,8 +172,23 @@ def check_train(cfg: DictConfig) -> None:
     problems = [f"trainer.{key} must be at least 1, got {cfg.trainer[key]}"
                 for key in AT_LEAST_ONE if cfg.trainer[key] < 1]
     problems += part_problems(cfg)
+    problems += resume_problems(cfg.trainer.resume)
     if problems:
         raise ConfigError(join_problems(problems))
+
+
+def resume_problems(value) -> list[str]:
+    """trainer.resume: auto, true, false, or a checkpoint file that exists."""
+    from ncsn.checkpoint import CheckpointError, existing_checkpoint
+    from ncsn.training.state import resume_mode
+
+    try:
+        if resume_mode(value) == "path":
+            existing_checkpoint(value)
+    except (ConfigError, CheckpointError) as err:
+        return [f"trainer.resume={value}: {err} (trainer.resume takes auto, true, false or a "
+                f"checkpoint file)"]
+    return []
 
 
 def check_ckpt_given(cfg: DictConfig) -> None:

@@ -17,7 +17,7 @@ register_configs()
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     from ncsn import distributed
-    from ncsn.train import train
+    from ncsn.training import train
 
     def job():
         distributed.init_distributed()          # the tasks of a SLURM job join here
