@@ -271,7 +271,9 @@ class TrainerConfig:
     keep_best: bool = False              # also keep checkpoints/best.pt, the weights with the
                                          # lowest held-out loss (scored every sample_every)
     resume: Any = "auto"                 # auto (resume from the run dir's last.pt if there is
-                                         # one, else start fresh) | true | false
+                                         # one, else start fresh; an unreadable last.pt: the
+                                         # newest step_*.pt that reads) | true | false | PATH
+                                         # (a checkpoint file, continued in this run's folder)
     log_every: int = 50
     sample_every: int = 0                # pictures and test loss every N steps; 0: at the end only
     n_plot_samples: int = 1000
