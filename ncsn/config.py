@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -19,17 +19,9 @@ from ncsn.data.images import IMAGE_DATASETS
 from ncsn.nets.ncsn import NCSNConfig
 from ncsn.nets.ncsnv2 import NCSNv2Config
 from ncsn.nets.unet import UNetConfig
-
-
-def config_dir() -> str:
-    """The folder holding ``train.yaml``: ``ncsn/configs`` in a built wheel, the
-    repository's top-level ``configs/`` in an editable install."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "configs", package.parent / "configs"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"ncsn's configs/ folder was not found next to {package}; "
-                            f"reinstall the package with pip install -e .")
+from ncsn.objectives import OBJECTIVES
+from ncsn.parts import config_dir  # noqa: F401  (ncsn.config.config_dir, as before)
+from ncsn.samplers import SAMPLERS
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -134,106 +126,6 @@ class NoiseConfig:
     P_std: float = 1.2               # [sigma_end, sigma_begin]
 
 
-# ----------------------------------------------------------------------------- losses
-@dataclass
-class AnnealDSMConfig:
-    name: str = "anneal_dsm"
-    anneal_power: float = 2.0
-
-
-@dataclass
-class DSMConfig:
-    name: str = "dsm"
-    sigma: Optional[float] = None    # null: the noise table's smallest sigma
-
-
-@dataclass
-class SSMConfig:
-    name: str = "ssm"
-    n_projections: int = 1
-    projection: str = "gaussian"     # gaussian | rademacher
-    variance_reduction: bool = False
-    annealed: bool = False           # perturb with the sigma table and condition the network
-    anneal_power: float = 2.0
-
-
-@dataclass
-class ExactSMConfig:
-    name: str = "exact_sm"
-    max_dim: int = 1024              # refuse data of more dimensions (one backward per dimension)
-    annealed: bool = False
-    anneal_power: float = 2.0
-
-
-@dataclass
-class NLLConfig:
-    name: str = "nll"                # maximum likelihood of a flow: bits/dim of the dequantized
-                                     # images (dataset.uniform_dequantization), nats for points
-
-
-# ----------------------------------------------------------------------------- samplers
-@dataclass
-class SamplerInitConfig:
-    init: str = "gaussian"           # gaussian | uniform: the chain's starting points
-    init_std: Optional[float] = None # gaussian: null means sigma_begin
-    init_low: float = -1.0           # uniform range
-    init_high: float = 1.0
-
-
-@dataclass
-class LangevinConfig(SamplerInitConfig):
-    name: str = "langevin"
-    step_size: float = 5e-5
-    n_steps: int = 1000
-    sigma: Optional[float] = None    # the sigma given to a conditional network; null: sigma_end
-
-
-@dataclass
-class AnnealedLangevinConfig(SamplerInitConfig):
-    name: str = "annealed_langevin"
-    step_lr: float = 1e-5
-    n_steps_each: int = 100
-    denoise: bool = True
-
-
-@dataclass
-class PCConfig(SamplerInitConfig):
-    name: str = "pc"
-    num_steps: Optional[int] = None  # null: the sigma table's levels; N: N levels geometric between
-                                     # its ends (networks that look sigma up: N of the table's)
-    predictor: str = "reverse_diffusion"  # reverse_diffusion | euler_maruyama
-    snr: float = 0.16                # the Langevin corrector's signal-to-noise ratio
-    n_corrector_steps: int = 1
-    denoise: bool = True             # return the last predictor step's mean
-
-
-@dataclass
-class ODEConfig(SamplerInitConfig):
-    name: str = "ode"
-    rtol: float = 1e-5               # scipy solve_ivp's tolerances
-    atol: float = 1e-5
-    method: str = "RK45"             # a solve_ivp method: RK45 | RK23 | DOP853
-    denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma_min)
-
-
-@dataclass
-class FlowSamplerConfig(SamplerInitConfig):
-    name: str = "flow"               # exact samples of a normalizing flow: x = f^-1(z)
-    temperature: float = 1.0         # the prior's scale (Glow: T < 1 for fidelity)
-    init_std: Optional[float] = 1.0  # the starting points are read as standard normal draws
-
-
-@dataclass
-class HeunConfig(SamplerInitConfig):
-    name: str = "heun"
-    num_steps: Optional[int] = 18    # N steps, 2N - 1 evaluations; null: the sigma table's levels
-    rho: float = 7.0                 # EDM's schedule between the table's ends
-    S_churn: float = 0.0             # 0: EDM's deterministic Algorithm 1; > 0: Algorithm 2
-    S_tmin: float = 0.0
-    S_tmax: float = float("inf")
-    S_noise: float = 1.0
-
-
 # ----------------------------------------------------------------------------- training
 @dataclass
 class OptimConfig:
@@ -333,6 +225,29 @@ class SampleConfig:
     sampler: Any = MISSING
 
 
+class _TableSchemas(Mapping):
+    """``{name: schema}`` of a table of part classes, as it is now (parts may register late)."""
+
+    table: dict = {}
+
+    def __getitem__(self, name):
+        return self.table[name].Config
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __len__(self):
+        return len(self.table)
+
+
+class LossSchemas(_TableSchemas):
+    table = OBJECTIVES
+
+
+class SamplerSchemas(_TableSchemas):
+    table = SAMPLERS
+
+
 SCHEMAS = {
     "dataset": {"swiss_roll": SwissRollConfig, "moons": MoonsConfig,
                 "eight_gaussians": EightGaussiansConfig, "checkerboard": CheckerboardConfig,
@@ -341,11 +256,10 @@ SCHEMAS = {
               "ncsnv2": NCSNv2Config, "unet": UNetConfig, "nice": NICEConfig,
               "realnvp": RealNVPConfig, "glow": GlowConfig},
     "noise": {"geometric": NoiseConfig},
-    "loss": {"anneal_dsm": AnnealDSMConfig, "dsm": DSMConfig, "ssm": SSMConfig,
-             "exact_sm": ExactSMConfig, "nll": NLLConfig},
-    "sampler": {"langevin": LangevinConfig, "annealed_langevin": AnnealedLangevinConfig,
-                "pc": PCConfig, "ode": ODEConfig, "heun": HeunConfig,
-                "flow": FlowSamplerConfig},
+    # The objectives' and samplers' schemas are their classes' (ncsn.objectives,
+    # ncsn.samplers), stored as they register; SCHEMAS["loss"] and ["sampler"] read the tables.
+    "loss": LossSchemas(),
+    "sampler": SamplerSchemas(),
     "optim": {"adam": OptimConfig},
     "trainer": {"default": TrainerConfig},
 }

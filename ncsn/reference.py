@@ -31,13 +31,14 @@ from torch import Tensor, nn
 
 from ncsn import registry
 from ncsn.checkpoint import FORMAT, VERSION, CheckpointError
-from ncsn.config import (AnnealDSMConfig, AnnealedLangevinConfig, NoiseConfig, OptimConfig,
-                         TrainConfig, TrainerConfig)
+from ncsn.config import NoiseConfig, OptimConfig, TrainConfig, TrainerConfig
 from ncsn.data.images import IMAGE_DATASETS
 from ncsn.nets.layers import CondInstanceNorm2dPlus, InstanceNorm2dPlus
 from ncsn.nets.ncsn import NCSNConfig
 from ncsn.nets.ncsnv2 import NCSNv2Config
+from ncsn.objectives import AnnealedDSM
 from ncsn.registry import ConfigError
+from ncsn.samplers import AnnealedLangevin
 
 LAYOUTS = ("ncsn", "ncsnv2")
 PREFIX = "module."                       # torch.nn.DataParallel's
@@ -297,7 +298,7 @@ def _sampler_config(ref: dict, layout: str) -> dict:
     settings = NCSN_SAMPLER if layout == "ncsn" else {
         k: ref["sampling"][k] for k in ("step_lr", "n_steps_each", "denoise")}
     low = -1.0 if ref["data"].get("rescaled", False) else 0.0
-    return OmegaConf.to_container(OmegaConf.structured(AnnealedLangevinConfig(
+    return OmegaConf.to_container(OmegaConf.structured(AnnealedLangevin.Config(
         init="uniform", init_low=low, init_high=1.0, **settings)))
 
 
@@ -334,7 +335,7 @@ def _translate(ref: dict, layout: str) -> dict:
                               ckpt_every=training.get("snapshot_freq", 5000))))
     cfg.dataset = _dataset_config(data, layout)
     cfg.model = _model_config(ref, layout)
-    cfg.loss = OmegaConf.structured(AnnealDSMConfig(anneal_power=training.get("anneal_power", 2.0)))
+    cfg.loss = OmegaConf.structured(AnnealedDSM.Config(anneal_power=training.get("anneal_power", 2.0)))
     cfg.sampler = _sampler_config(ref, layout)
     return OmegaConf.to_container(cfg, resolve=True)
 

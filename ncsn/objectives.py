@@ -1,0 +1,273 @@
+"""The training objectives, one class each: its config schema (``Config``, what
+``configs/loss/*.yaml`` extend), its checks against the network, noise and data, and its loss.
+The mathematics is in :mod:`ncsn.losses` (and :mod:`ncsn.flows.objective` for likelihood).
+
+An objective built here is ``objective(net, x) -> (per_sample_loss (B,), labels (B,) | None)``,
+``labels`` the index of the sigma each sample was perturbed with (None: not annealed). An
+annealed objective declares its loss for given levels (:meth:`ObjectiveSpec.annealed_loss`);
+drawing the levels, from the table or continuously, is the same for all of them
+(:func:`build`). A new objective is a subclass registered with :func:`register_objective`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
+
+from torch import Tensor, nn
+
+from ncsn import losses
+from ncsn.data.images import IMAGE_DATASETS, ModelSpace, image_config, model_space
+from ncsn.flows import pixel_levels
+from ncsn.flows.objective import nll_objective
+from ncsn.noise import sigma_index
+from ncsn.parts import ConfigError, Network, register_part
+
+Objective = Callable[[nn.Module, Tensor], "tuple[Tensor, Tensor | None]"]
+# ``loss(net, x, labels, sigma=None) -> (B,)``: an annealed objective at the table's levels
+# ``labels`` (B,), or at the sigmas ``sigma`` (B,) drawn off the table.
+AnnealedLoss = Callable[..., Tensor]
+
+OBJECTIVES: dict[str, type["ObjectiveSpec"]] = {}
+
+
+def register_objective(*names: str):
+    """Register an objective class under ``names`` (default: its ``Config.name``)."""
+    return register_part(OBJECTIVES, "loss", *names)
+
+
+class ObjectiveSpec:
+    """One objective: ``ObjectiveSpec(cfg, network, dataset_cfg)``."""
+
+    Config: ClassVar[type]
+
+    def __init__(self, cfg, network: Network, dataset_cfg=None):
+        self.cfg, self.network, self.dataset_cfg = cfg, network, dataset_cfg
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def annealed(self) -> bool:
+        """Trained over the sigma table with a noise-conditional network."""
+        return bool(self.cfg.get("annealed", False))
+
+    def problems(self, noise_cfg=None) -> list[str]:
+        """Every way this objective cannot train ``network`` (with ``noise_cfg``), one each."""
+        return [*self.batch_statistics_problems(), *self.conditioning_problems(),
+                *self.continuous_problems(noise_cfg)]
+
+    def batch_statistics_problems(self) -> list[str]:
+        if self.network.batch_statistics:
+            return [f"loss={self.name} needs each sample's score, but model.norm=batch "
+                    f"normalises with the batch's statistics in training, so one sample's "
+                    f"score depends on the rest of its batch; use loss=nll, or "
+                    f"model.norm=actnorm"]
+        return []
+
+    def conditioning_problems(self) -> list[str]:
+        if self.annealed and not self.network.conditional:
+            return [f"loss={self.name} is annealed over the sigma table and needs a "
+                    f"noise-conditional network; use model=cond_mlp (or an image network)"]
+        if not self.annealed and self.network.conditional:
+            return [f"loss={self.name} learns the score of the clean data with an "
+                    f"unconditional network; use model=mlp, or loss.annealed=true"]
+        return []
+
+    def continuous_problems(self, noise_cfg) -> list[str]:
+        if noise_cfg is None or not noise_cfg.get("continuous", False):
+            return []
+        if not self.annealed:
+            return [f"noise.continuous=true draws sigma per sample for an annealed objective, "
+                    f"but loss={self.name} is not annealed; use loss=anneal_dsm (or "
+                    f"loss.annealed=true), or noise.continuous=false"]
+        if not self.network.takes_sigma_values:
+            return [f"noise.continuous=true draws sigma off the table, but "
+                    f"{self.network.table_only}; choose {self.network.alternative}, or "
+                    f"noise.continuous=false"]
+        return []
+
+    def loss(self, sigmas: Tensor) -> Objective:
+        """The unannealed objective ``(net, x) -> (per_sample, None)``."""
+        raise ConfigError(f"loss={self.name} is annealed only")
+
+    def annealed_loss(self, sigmas: Tensor) -> AnnealedLoss:
+        raise ConfigError(f"loss={self.name} cannot be annealed; set loss.annealed=false")
+
+
+def build(spec: ObjectiveSpec, sigmas: Tensor, noise_cfg=None) -> Objective:
+    """``spec``'s objective, its problems raised first (the first as a ConfigError). An
+    annealed one draws each sample's level uniformly from the table (NCSN), or with
+    ``noise_cfg.continuous`` its sigma from ``noise_cfg.distribution`` between the table's
+    ends (:func:`ncsn.losses.draw_sigmas`), labelled with the nearest level in log sigma so
+    that the per-level curves bin continuous sigma."""
+    problems = spec.problems(noise_cfg)
+    if problems:
+        raise ConfigError(problems[0])
+    if not spec.annealed:
+        return spec.loss(sigmas)
+    per_sample = spec.annealed_loss(sigmas)
+    if noise_cfg is not None and noise_cfg.get("continuous", False):
+        return _continuous(per_sample, noise_cfg, sigmas)
+
+    def annealed_objective(net, x):
+        labels = losses.draw_labels(x.shape[0], len(sigmas), x.device)
+        return per_sample(net, x, labels), labels
+    return annealed_objective
+
+
+def _continuous(per_sample: AnnealedLoss, noise_cfg, sigmas: Tensor) -> Objective:
+    if noise_cfg.distribution not in losses.SIGMA_DISTRIBUTIONS:
+        raise ConfigError(f"noise.distribution must be one of "
+                          f"{', '.join(losses.SIGMA_DISTRIBUTIONS)}, "
+                          f"got {noise_cfg.distribution!r}")
+    sigma_begin, sigma_end = float(sigmas[0]), float(sigmas[-1])
+
+    def continuous_objective(net, x):
+        sigma = losses.draw_sigmas(x.shape[0], sigma_begin, sigma_end, noise_cfg.distribution,
+                                   noise_cfg.P_mean, noise_cfg.P_std, x)
+        return per_sample(net, x, None, sigma), sigma_index(sigma, sigmas.to(x.device))
+    return continuous_objective
+
+
+def _unconditional(net: nn.Module) -> Callable[[Tensor], Tensor]:
+    return lambda y: net(y, None)
+
+
+@register_objective()
+class AnnealedDSM(ObjectiveSpec):
+    """NCSN's annealed denoising score matching (Song & Ermon 2019, Eq. 6), each level's
+    loss weighted by sigma^anneal_power."""
+
+    @dataclass
+    class Config:
+        name: str = "anneal_dsm"
+        anneal_power: float = 2.0
+
+    @property
+    def annealed(self) -> bool:
+        return True
+
+    def annealed_loss(self, sigmas: Tensor) -> AnnealedLoss:
+        return lambda net, x, labels, sigma=None: losses.anneal_dsm(
+            net, x, sigmas.to(x.device), self.cfg.anneal_power, labels, reduction="none",
+            sigma=sigma)
+
+
+@register_objective()
+class DSM(ObjectiveSpec):
+    """Denoising score matching at one sigma (Vincent 2011)."""
+
+    @dataclass
+    class Config:
+        name: str = "dsm"
+        sigma: Optional[float] = None    # null: the noise table's smallest sigma
+
+    @property
+    def annealed(self) -> bool:
+        return False
+
+    def loss(self, sigmas: Tensor) -> Objective:
+        sigma = self.cfg.sigma if self.cfg.sigma is not None else float(sigmas[-1])
+        return lambda net, x: (losses.denoising_score_matching(
+            _unconditional(net), x, sigma, reduction="none"), None)
+
+
+class _Unannealed(ObjectiveSpec):
+    """An objective on clean data (``objective(score, x)``), annealed on request
+    (``loss.annealed=true``: the same objective on sigma-perturbed data, as NCSN with sliced
+    score matching)."""
+
+    def objective(self) -> tuple[Callable[..., Tensor], dict]:
+        raise NotImplementedError
+
+    def loss(self, sigmas: Tensor) -> Objective:
+        objective, kwargs = self.objective()
+        return lambda net, x: (objective(_unconditional(net), x, reduction="none", **kwargs),
+                               None)
+
+    def annealed_loss(self, sigmas: Tensor) -> AnnealedLoss:
+        objective, kwargs = self.objective()
+        return lambda net, x, labels, sigma=None: losses.annealed(
+            objective, net, x, sigmas.to(x.device), self.cfg.anneal_power, labels,
+            reduction="none", sigma=sigma, **kwargs)
+
+
+@register_objective("ssm", "ssm_vr")
+class SlicedScoreMatching(_Unannealed):
+    """Sliced score matching (Song et al. 2019), with variance reduction for ssm_vr."""
+
+    @dataclass
+    class Config:
+        name: str = "ssm"
+        n_projections: int = 1
+        projection: str = "gaussian"     # gaussian | rademacher
+        variance_reduction: bool = False
+        annealed: bool = False           # perturb with the sigma table and condition the network
+        anneal_power: float = 2.0
+
+    def objective(self):
+        c = self.cfg
+        return losses.sliced_score_matching, {
+            "n_projections": c.n_projections, "projection": c.projection,
+            "variance_reduction": c.variance_reduction}
+
+
+@register_objective()
+class ExactScoreMatching(_Unannealed):
+    """Hyvärinen's score matching with the Jacobian's trace computed exactly."""
+
+    @dataclass
+    class Config:
+        name: str = "exact_sm"
+        max_dim: int = 1024              # refuse data of more dimensions (one backward each)
+        annealed: bool = False
+        anneal_power: float = 2.0
+
+    def objective(self):
+        return losses.score_matching, {"max_dim": self.cfg.max_dim}
+
+
+@register_objective()
+class NegativeLogLikelihood(ObjectiveSpec):
+    """Maximum likelihood of a flow: bits/dim of dequantized images, nats for points."""
+
+    @dataclass
+    class Config:
+        name: str = "nll"                # maximum likelihood of a flow: bits/dim of the
+                                         # dequantized images (dataset.uniform_dequantization),
+                                         # nats for points
+
+    @property
+    def annealed(self) -> bool:
+        return False
+
+    def problems(self, noise_cfg=None) -> list[str]:
+        return [message for message in (self._flow_problem(), self._dequantization_problem())
+                if message]
+
+    def _flow_problem(self) -> str | None:
+        if not self.network.flow:
+            return (f"loss={self.name} needs an exact log-likelihood, but "
+                    f"model={self.network.name} is a score network; use model=nice, "
+                    f"model=realnvp or model=glow")
+        return None
+
+    def _dequantization_problem(self) -> str | None:
+        if not self._on_images():
+            return None
+        image_cfg = image_config(self.dataset_cfg)
+        if not (image_cfg.uniform_dequantization or image_cfg.gaussian_dequantization):
+            return (f"loss={self.name} on discrete pixels needs dequantized data; set "
+                    f"dataset.uniform_dequantization=true (or "
+                    f"dataset.gaussian_dequantization=true)")
+        return None
+
+    def _on_images(self) -> bool:
+        return self.dataset_cfg is not None and self.dataset_cfg.name in IMAGE_DATASETS
+
+    def loss(self, sigmas: Tensor | None = None) -> Objective:
+        if not self._on_images():
+            return nll_objective(ModelSpace(), None)
+        image_cfg = image_config(self.dataset_cfg)
+        return nll_objective(model_space(image_cfg), pixel_levels(image_cfg.name))
