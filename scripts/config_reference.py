@@ -1,7 +1,7 @@
-"""Print the README's configuration reference: every config group, its options, and the
-first comment line of each option's YAML file (so the docs follow the files).
+"""Print the table of docs/CONFIG.md: every config group, its options, and the first
+comment block of each option's YAML file (so the docs follow the files).
 
-    python scripts/config_reference.py > /tmp/reference.md
+    python scripts/config_reference.py > /tmp/reference.md   # then paste it into docs/CONFIG.md
 """
 from pathlib import Path
 
