@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from ncsn.data.images import ModelSpace
+from ncsn.data.space import ModelSpace
 from ncsn.data.order import global_batch_indices, item_generator, item_seed
 
 

@@ -23,6 +23,9 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from ncsn.data.device import RawImages
+from ncsn.data.space import ModelSpace, inverse_logit_transform, logit_transform
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk and could not be downloaded. The message is one line."""
@@ -147,44 +150,6 @@ def pixel_levels(dataset_name: str) -> int | None:
     if dataset_name not in IMAGE_DATASETS:
         return None
     return 17 if dataset_name == "digits" else 256
-
-
-def logit_transform(x: Tensor, lam: float = 1e-6) -> Tensor:
-    """[0, 1] -> R: logit(lam + (1 - 2 lam) x), finite at 0 and 1 (RealNVP, Dinh et al. 2017,
-    Sec. 4.1). Any shape."""
-    p = lam + (1 - 2 * lam) * x
-    return torch.log(p) - torch.log1p(-p)
-
-
-def inverse_logit_transform(y: Tensor, lam: float = 1e-6) -> Tensor:
-    """R -> [0, 1]: the exact inverse of :func:`logit_transform`. Any shape."""
-    return (torch.sigmoid(y) - lam) / (1 - 2 * lam)
-
-
-@dataclass(frozen=True)
-class ModelSpace:
-    """The map from [0, 1] images to the space the model sees, and back.
-
-    ``rescaled``: x -> 2x - 1; ``logit``: x -> logit(lam + (1 - 2 lam) x); neither: identity.
-    """
-
-    rescaled: bool = False
-    logit: bool = False
-    lam: float = 1e-6
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """Images in [0, 1] (any shape) -> model space."""
-        if self.logit:
-            return logit_transform(x, self.lam)
-        return 2 * x - 1 if self.rescaled else x
-
-    def inverse(self, y: Tensor) -> Tensor:
-        """Model space (any shape) -> images, clamped to [0, 1] (samples may stray outside)."""
-        if self.logit:
-            y = inverse_logit_transform(y, self.lam)
-        elif self.rescaled:
-            y = (y + 1) / 2
-        return y.clamp(0.0, 1.0)
 
 
 class UniformDequantize:
@@ -496,8 +461,6 @@ def raw_images(cfg: ImageDataConfig, train: Dataset):
     """The training split as :class:`ncsn.data.device.RawImages` for batching on the
     device: the datasets that fit in memory, at their native size (a resize stays on the
     per-item path); None for the others."""
-    from ncsn.data.device import RawImages
-
     if NATIVE_SIZES.get(cfg.name) != cfg.image_size:
         return None
     pixels = _uint8_pixels(cfg.name, train)
