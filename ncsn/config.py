@@ -92,10 +92,11 @@ class NICEConfig:
 @dataclass
 class RealNVPConfig:
     name: str = "realnvp"
-    n_scales: int = 2                # images: scales of the multi-scale architecture
-    n_couplings: int = 4             # points: affine couplings with alternating masks
+    n_scales: Optional[int] = None   # images: scales of the multi-scale architecture (null: 2)
+    n_couplings: Optional[int] = None  # points: affine couplings with alternating masks (null: 4)
     hidden: int = 64                 # channels (images) or units (points) of the coupling nets
-    n_hidden: int = 2                # points: hidden layers of each coupling MLP
+    n_hidden: Optional[int] = None   # points: hidden layers of each coupling MLP (null: 2)
+                                     # (a key for the other kind of data is refused, not ignored)
     norm: str = "actnorm"            # after every coupling: actnorm | batch (the paper's) | none
     prior: str = "gaussian"
 

@@ -496,3 +496,27 @@ def test_pictures_and_flop_counts_leave_a_batch_normalised_flows_running_average
     assert running
     for key in running:
         assert torch.equal(plain[key], pictures[key]), key
+
+
+def test_realnvp_keys_for_the_other_kind_of_data_are_refused_not_ignored():
+    from conftest import compose_train
+
+    # n_couplings and n_hidden shape RealNVP on points (the parameter count follows them);
+    # on images they would be ignored, so they are refused, naming what to set instead.
+    def count(**keys):
+        return sum(p.numel() for p in realnvp((2,), hidden=8, **keys).parameters())
+    assert count(n_couplings=6) > count() > count(n_couplings=2)
+    assert count(n_hidden=3) > count()
+    for keys in ({"n_couplings": 6}, {"n_hidden": 3}):
+        with pytest.raises(ValueError, match=r"do not apply to images: .*model.n_scales"):
+            realnvp((1, 4, 4), hidden=4, **keys)
+    with pytest.raises(ValueError, match=r"model.n_scales=2 do not apply to points"):
+        realnvp((2,), n_scales=2)
+    for overrides, error in ((["model.n_couplings=6"], "model=realnvp: model.n_couplings=6"),
+                             (["model.n_scales=1"], None)):
+        cfg = compose_train(["experiment=realnvp_digits", *overrides])
+        if error is None:
+            registry.build_model(cfg.model, (1, 8, 8), torch.ones(1))
+        else:
+            with pytest.raises(registry.ConfigError, match=error):
+                registry.build_model(cfg.model, (1, 8, 8), torch.ones(1))
