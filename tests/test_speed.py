@@ -69,11 +69,16 @@ def test_options_are_what_they_say(tmp_path, monkeypatch):
     assert run.optimizer.defaults["fused"] and run.speed.amp_dtype == torch.bfloat16
     cpu = torch.device("cpu")
     assert training.resolve_precision("auto", cpu) == "fp32"
-    for amx in (False, True):                 # bf16 for large networks on a CPU with AMX only
-        monkeypatch.setattr(training.speed, "_cpu_multiplies_bf16", lambda: amx)
+    # bf16 for large networks on a CPU that multiplies bf16 natively: AMX tiles or AVX-512
+    # BF16 (an AMD EPYC has the second and not the first); neither: fp32.
+    for amx, avx512_bf16 in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                            raising=False)
+        native = amx or avx512_bf16
         assert training.resolve_precision("auto", cpu, 0.9 * training.speed.CPU_BF16_FLOPS) == "fp32"
         assert training.resolve_precision("auto", cpu, training.speed.CPU_BF16_FLOPS) == (
-            "bf16" if amx else "fp32")
+            "bf16" if native else "fp32")
     with pytest.raises(ConfigError, match="trainer.precision must be one of"):
         training.resolve_precision("fp8", cpu)
     with pytest.raises(ConfigError, match="tf32 is a CUDA matmul mode"):
