@@ -376,3 +376,14 @@ def run_dir(stamp: str, overrides: str, env=None) -> str:
     if launch is None:
         return f"outputs/{stamp}"
     return f"outputs/{launch}/{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
+def chosen_name(group: str, name: str) -> str:
+    """How a log names a part: the option of config group ``group`` that the command line
+    picked (``model=unet_small``), followed by the part's own ``name`` when the two differ
+    (``"unet_small (unet)"``, unet_small being a smaller ``unet``); ``name`` alone outside a
+    Hydra run, where no option was picked."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return name if choice in (None, name) else f"{choice} ({name})"
