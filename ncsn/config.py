@@ -323,7 +323,7 @@ class SampleConfig:
     device: str = "auto"
     save_as: str = "npz"                 # images: npz (shards/) | png (images/) | both | none
     grid_size: int = 64                  # images: how many samples.png shows
-    save_trajectory: bool = False        # points: trajectory.png; images: trajectory.gif + .png
+    save_trajectory: bool = False        # points: trajectories.png; images: trajectories.gif, .png
     trajectory_chains: int = 16          # images: chains in the animation
     trajectory_every: int = 1            # images: a frame every N noise levels
     inpaint: Inpaint = field(default_factory=Inpaint)

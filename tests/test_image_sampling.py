@@ -280,8 +280,8 @@ def test_sample_streams_images_with_a_grid_and_an_animation(digits_ckpt, tmp_pat
     assert np.load(shards[0])["samples"].shape[1:] == (8, 8, 1)
     grid = Image.open(tmp_path / "samples.png")
     assert grid.size == (3 * 34 + 2, 3 * 34 + 2)       # 3x3 digits enlarged to 32 px, padding 2
-    assert Image.open(tmp_path / "trajectory.gif").n_frames == 4 + 1
-    assert (tmp_path / "trajectory.png").is_file()
+    assert Image.open(tmp_path / "trajectories.gif").n_frames == 4 + 1
+    assert (tmp_path / "trajectories.png").is_file()
 
 
 def test_inpaint_mode_keeps_the_test_digits_known_half(digits_ckpt, tmp_path):
