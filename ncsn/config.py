@@ -218,7 +218,7 @@ class SampleConfig:
     device: str = "auto"
     save_as: str = "npz"                 # images: npz (shards/) | png (images/) | both | none
     grid_size: int = 64                  # images: how many samples.png shows
-    save_trajectory: bool = False        # points: trajectory.png; images: trajectory.gif + .png
+    save_trajectory: bool = False        # points: trajectories.png; images: trajectories.gif, .png
     trajectory_chains: int = 16          # images: chains in the animation
     trajectory_every: int = 1            # images: a frame every N noise levels
     inpaint: Inpaint = field(default_factory=Inpaint)
@@ -293,3 +293,14 @@ def run_dir(stamp: str, overrides: str, env=None) -> str:
     if launch is None:
         return f"outputs/{stamp}"
     return f"outputs/{launch}/{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+
+
+def chosen_name(group: str, name: str) -> str:
+    """How a log names a part: the option of config group ``group`` that the command line
+    picked (``model=unet_small``), followed by the part's own ``name`` when the two differ
+    (``"unet_small (unet)"``, unet_small being a smaller ``unet``); ``name`` alone outside a
+    Hydra run, where no option was picked."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    return name if choice in (None, name) else f"{choice} ({name})"

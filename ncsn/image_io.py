@@ -140,7 +140,8 @@ def save_picture(images: Tensor, path: str | Path, nrow: int | None = None) -> N
 
 def _frame(images: Tensor, nrow: int) -> np.ndarray:
     """uint8 images ``(B, C, H, W)`` -> one enlarged grid ``(H', W', C)`` uint8."""
-    grid = make_grid(enlarge(images), nrow=nrow, padding=1)                 # (3, H', W')
+    grid = make_grid(enlarge(images), nrow=nrow, padding=viz.GRID_PADDING,
+                     pad_value=round(255 * viz.GRID_PAD_VALUE))          # (3, H', W')
     grid = grid[:1] if images.shape[1] == 1 else grid
     return grid.permute(1, 2, 0).numpy()
 

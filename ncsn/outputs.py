@@ -1,12 +1,12 @@
 """What ``ncsn-sample`` writes into its output folder, for each kind of data and mode.
 
 Points (2-D): ``samples.npz`` (array ``samples``, shape (n, 2), data space), ``samples.png``
-(samples over the data) and, with ``save_trajectory``, ``trajectory.png``.
+(samples over the data) and, with ``save_trajectory``, ``trajectories.png``.
 
 Images, ``mode=sample``: ``samples.png`` (a grid of the first ``grid_size``), the samples
 streamed to ``shards/samples_*.npz`` and/or ``images/*.png`` (``save_as``, see
-:mod:`ncsn.image_io`) and, with ``save_trajectory``, ``trajectory.gif`` (one frame per noise
-level) and ``trajectory.png`` (a strip per chain).
+:mod:`ncsn.image_io`) and, with ``save_trajectory``, ``trajectories.gif`` (one frame per
+level) and ``trajectories.png`` (a strip per chain).
 
 ``mode=inpaint``: ``inpainting.png``, one row per image: the masked input, the completions,
 the original; ``inpainting.npz`` (``images``, ``mask``, ``completions``).
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ncsn import distributed, registry, viz
+from ncsn.cost import sampling_cost
 from ncsn.data import first_tensor
 from ncsn.generate import CheckpointSampler, load_sampler
 from ncsn.image_io import SAVE_AS, load_images, save_gif, save_picture, save_strip, write_stream
@@ -48,6 +49,9 @@ def write_samples(ckpt: dict, sampler_cfg, cfg, out: Path) -> Path:
                                    f"torchrun or srun (mode=sample splits over ranks)")
     out.mkdir(parents=True, exist_ok=True)
     sampler = load_sampler(ckpt, sampler_cfg, cfg.use_ema, cfg.device)
+    if cfg.mode == "sample" and distributed.is_main():
+        batch = cfg.batch_size or (IMAGE_BATCH_SIZE if sampler.is_image else cfg.n_samples)
+        log.info("%s", sampling_cost(sampler, cfg.n_samples, batch, distributed.world_size()))
     if not sampler.is_image:
         if cfg.mode != "sample":
             raise registry.ConfigError(f"mode={cfg.mode} works on images; this checkpoint "
@@ -79,7 +83,7 @@ def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
         if cfg.save_trajectory:
             viz.save_figure(viz.trajectories_figure(trajectory, data,
                                                     sampler=sampler.sampler_cfg.name),
-                            out / "trajectory.png")
+                            out / "trajectories.png")
     log.info("wrote %d samples to %s", len(samples), out / "samples.npz")
     return out / "samples.npz"
 
@@ -141,8 +145,8 @@ def write_images(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     grid = write_stream(batches, out, cfg.save_as, cfg.n_samples, keep=cfg.grid_size)
     save_picture(grid, out / "samples.png")
     if recorder is not None:
-        save_gif(recorder.frames, out / "trajectory.gif")
-        save_strip(recorder.frames, out / "trajectory.png")
+        save_gif(recorder.frames, out / "trajectories.gif")
+        save_strip(recorder.frames, out / "trajectories.png")
     log.info("wrote %d samples to %s (save_as=%s)", cfg.n_samples, out, cfg.save_as)
     return out / "samples.png"
 

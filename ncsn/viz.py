@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -80,19 +81,36 @@ def samples_figure(samples: Tensor, data: Tensor, n: int = 2000):
     return fig
 
 
-def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 12,
+MAX_CHAINS = 12         # more paths than this tangle into an unreadable picture
+
+
+def trajectories_figure(trajectory: Tensor, data: Tensor, n_chains: int = 8,
                         sampler: str = "sampler"):
-    """Paths of a few chains of ``sampler`` (trajectory: (K, B, 2)) over the data."""
+    """Paths of the first ``n_chains`` chains (at most :data:`MAX_CHAINS`) of ``sampler``
+    over the data; ``trajectory``: (K, B, 2), K snapshots from the start to the end. Each
+    path fades in from its start (hollow circle) to its end (dot): the wide jumps at large
+    sigma stay in the background, the last steps onto the data stand out."""
+    n = min(n_chains, MAX_CHAINS, trajectory.shape[1])
+    paths = trajectory[:, :n].double().numpy()                   # (K, n, 2)
+    fade = np.linspace(0.0, 1.0, len(paths) - 1) ** 2            # segment k of K - 1
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.scatter(*data[:2000].T, s=2, alpha=0.3, color="tab:gray")
-    for chain in range(min(n_chains, trajectory.shape[1])):
-        path = trajectory[:, chain]
-        ax.plot(path[:, 0], path[:, 1], lw=0.8, alpha=0.8)
-        ax.scatter(*path[-1], s=12, color="black", zorder=3)
+    for chain in range(n):
+        colour = plt.get_cmap("tab10")(chain % 10)
+        path = paths[:, chain]
+        segments = np.stack([path[:-1], path[1:]], axis=1)        # (K - 1, 2 ends, 2)
+        colours = np.tile(colour, (len(segments), 1))
+        colours[:, 3] = 0.05 + 0.85 * fade
+        ax.add_collection(LineCollection(segments, colors=colours, linewidths=1.2))
+        ax.scatter(*path[0], s=30, facecolors="none", edgecolors=[colour], alpha=0.6,
+                   label="start" if chain == 0 else None)
+        ax.scatter(*path[-1], s=30, color=[colour], edgecolors="black", zorder=3,
+                   label="end" if chain == 0 else None)
     x0, x1, y0, y1 = _bounds(torch.cat([data, trajectory[-1]]))
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
-    ax.set_title(f"{sampler} trajectories (black: end)")
+    ax.legend(loc="upper right")
+    ax.set_title(f"{sampler}: {n} chains, faint early steps to bold last ones")
     ax.set_aspect("equal")
     return fig
 
@@ -109,14 +127,22 @@ def save_figure(fig, path: str | Path):
     return pixels
 
 
+# torchvision's default padding between the images of a grid, painted white so that the
+# border shows on dark images (digits, MNIST) as on light ones.
+GRID_PADDING, GRID_PAD_VALUE = 2, 1.0
+
+
 def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
-    """A (3, H, W) grid of images in [0, 1] (clamped), images: (B, C, h, w)."""
+    """A (3, H, W) grid of images in [0, 1] (clamped), images: (B, C, h, w), with a
+    :data:`GRID_PADDING` pixel white border around each."""
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    return make_grid(images.clamp(0, 1), nrow=nrow, padding=1)
+    return make_grid(images.clamp(0, 1), nrow=nrow, padding=GRID_PADDING,
+                     pad_value=GRID_PAD_VALUE)
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
-    """Save a grid of images in [0, 1] (values clamped at the end) as PNG."""
+    """Save :func:`image_grid` of images in [0, 1] (values clamped) as PNG."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(len(images) ** 0.5))
-    save_image(images.clamp(0, 1), path, nrow=nrow, padding=1)
+    save_image(images.clamp(0, 1), path, nrow=nrow, padding=GRID_PADDING,
+               pad_value=GRID_PAD_VALUE)

@@ -33,7 +33,7 @@ from ncsn.data.images import build_image_data
 def write_folder(root: Path, n: int, size: int) -> None:
     rng = np.random.default_rng(0)
     for k in range(n):
-        folder = root / "images" / f"class{k % 4}"
+        folder = root / f"class{k % 4}"
         folder.mkdir(parents=True, exist_ok=True)
         pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{k:05d}.png")

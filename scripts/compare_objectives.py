@@ -39,7 +39,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 
 from ncsn.config import config_dir, register_configs
 from ncsn.data import first_tensor
@@ -48,6 +47,7 @@ from ncsn.flows import negative_log_likelihood
 from ncsn.generate import model_from_checkpoint
 from ncsn.registry import build_data, data_space_map
 from ncsn.training import train
+from ncsn.viz import image_grid
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -208,7 +208,7 @@ def picture(results: list[dict], path: Path) -> None:
     for ax in axes.flat:
         ax.axis("off")
     for ax, r in zip(axes.flat, results):
-        grid = make_grid(r["samples"][:64].clamp(0, 1), nrow=8, padding=1, pad_value=0)[0]
+        grid = image_grid(r["samples"][:64], nrow=8)[0]        # white borders: black in gray_r
         ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)
         title = r["label"].split(" (")[0].replace("NICE, ", "NICE,\n")
         ax.set_title(f"{title}\n{r['bpd_best']:.2f} bits/dim", fontsize=9)

@@ -40,7 +40,7 @@ def test_sample_writes_npz_and_png_in_data_space(trained, tmp_path):
     # Samples of the Swiss roll land near it, not at the wide N(0, sigma_begin^2) start.
     assert np.abs(samples).max() < 5
     assert (out / "samples.png").stat().st_size > 1000
-    assert (out / "trajectory.png").is_file()
+    assert (out / "trajectories.png").is_file()
 
 
 def test_sample_seed_makes_samples_reproducible(trained, tmp_path):
@@ -58,6 +58,21 @@ def test_sample_can_switch_sampler(trained, tmp_path):
                      "n_samples=20", "sampler=langevin", "sampler.n_steps=10")
     assert result.returncode == 0, result.stderr
     assert "'name': 'langevin'" in result.stdout + result.stderr
+
+
+def test_sample_help_shows_the_sampler_the_checkpoint_will_use(trained):
+    import yaml
+
+    ckpt = trained / "checkpoints" / "last.pt"
+    result = run_cli("ncsn-sample", "--help", f"ckpt={ckpt}", "sampler.denoise=false")
+    assert result.returncode == 0, result.stderr
+    config = result.stdout.split("== Config (override any key with key=value) ==")[1]
+    shown = yaml.safe_load(config.split("--cfg job")[0])["sampler"]
+    saved = torch.load(ckpt, weights_only=True)["config"]["sampler"]
+    assert shown == {**saved, "denoise": False}
+    assert shown["n_steps_each"] == 5                   # as TINY trained it; the default is 100
+    plain = run_cli("ncsn-sample", "--help")
+    assert "the checkpoint's own saved sampler replaces these defaults" in plain.stdout
 
 
 def one_line_error(result, code=2):

@@ -5,6 +5,7 @@ per second on a CPU, and its scores mean nothing -- the tests check the plumbing
 mathematics, never a golden number."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -363,6 +364,28 @@ def test_sweep_writes_csv_and_plot_and_names_the_best(mixture_run, tmp_path, cap
     assert "best checkpoint by swd" in capsys.readouterr().out
     per_sigma = summary["checkpoints"][0]["score_error"]
     assert len(per_sigma["sigma"]) == 10 and all(r > 0 for r in per_sigma["relative"])
+
+
+def test_sampling_a_checkpoint_starts_with_its_nfe_and_time(mixture_run, caplog):
+    caplog.set_level("INFO", logger="ncsn")
+    ckpt = load_checkpoint(mixture_run / "checkpoints" / "last.pt")
+    draw = ev.Draw(n_samples=250, batch_size=100, sampler_overrides={"n_steps_each": 2},
+                   device="cpu")
+    scores = ev.score_checkpoint(ckpt, ["swd"], draw, ev.Instruments(ev.EvalOptions(),
+                                                                     torch.device("cpu")))
+    nfe = scores.source["nfe"][0]                   # what the sampler counted as it ran
+    lines = [r.getMessage() for r in caplog.records if "sampling 250 samples" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert f"NFE {nfe} per sample, {250 * nfe:,} in all" in lines[0]
+    assert re.search(r"on a batch of 100 takes [\d.e+-]+ s here, so about [\d.]+ (s|min|h)",
+                     lines[0])
+
+
+def test_durations_read_as_a_person_writes_them():
+    from ncsn.cost import duration
+
+    assert [duration(s) for s in (0.52, 9.9, 115, 14 * 60, 3.2 * 3600)] == \
+        ["0.52 s", "9.9 s", "115 s", "14 min", "3.2 h"]
 
 
 def test_sweep_falls_back_to_last_and_fails_without_checkpoints(tmp_path):

@@ -128,3 +128,20 @@ def test_the_reference_networks_by_dataset():
             assert c.model.name == "ncsn", name
     assert compose_train(["experiment=ncsnv2_bedroom"]).dataset.category == "bedroom"
     assert compose_train(["experiment=ncsnv2_tower"]).dataset.category == "tower"
+
+
+def test_a_part_is_named_by_the_option_the_command_line_picked():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from ncsn.config import chosen_name
+
+    assert chosen_name("model", "unet") == "unet"                 # outside a Hydra run
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["model=unet_small"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert chosen_name("model", cfg.model.name) == "unet_small (unet)"
+        assert chosen_name("loss", cfg.loss.name) == cfg.loss.name
+    finally:
+        HydraConfig.instance().cfg = None

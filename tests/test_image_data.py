@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import datasets
 
+from conftest import run_cli
 from ncsn.config import config_dir
 from ncsn.data import first_tensor, infinite_batches
 from ncsn.data.images import (IMAGE_DATASETS, DatasetNotFoundError, ModelSpace,
@@ -307,8 +308,8 @@ def test_image_folder_split_channels_and_test_folder(tmp_path):
     assert data.shape == (3, 16, 16) and len(data.train) == 8 and len(data.test) == 2
     x = stack(data.train)
     assert x.shape == (8, 3, 16, 16) and x.min() >= 0.0 and x.max() <= 1.0
-    train_paths = {data.train.dataset.samples[i][0] for i in data.train.indices}
-    test_paths = {data.test.dataset.samples[i][0] for i in data.test.indices}
+    train_paths = {data.train.dataset.dataset.samples[i][0] for i in data.train.indices}
+    test_paths = {data.test.dataset.dataset.samples[i][0] for i in data.test.indices}
     assert not train_paths & test_paths
 
     write_image_folder(tmp_path / "held_out", n_per_class=1)
@@ -317,6 +318,94 @@ def test_image_folder_split_channels_and_test_folder(tmp_path):
                                    crop_size=24))
     assert grey.shape == (1, 8, 8) and len(grey.train) == 10 and len(grey.test) == 2
     assert stack(grey.test).shape == (2, 1, 8, 8)
+
+
+def write_flat_folder(path: Path, n: int, size=(12, 10)) -> None:
+    """path/<k>.png, n RGB images, no class subfolders."""
+    path.mkdir(parents=True)
+    for k in range(n):
+        Image.fromarray(pixels((size[1], size[0], 3), seed=k)).save(path / f"{k}.png")
+
+
+def test_image_folder_root_is_the_folder_of_classes_or_of_images(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="ncsn")
+    write_image_folder(tmp_path / "pets")                               # 2 classes x 5
+    classes = build_image_data(config("image_folder", tmp_path / "pets", image_size=8,
+                                      test_fraction=0.2))
+    assert len(classes.train) == 8 and len(classes.test) == 2
+    assert f"image folder {tmp_path / 'pets'}: 10 images, 2 classes (cats, dogs)" in caplog.text
+
+    write_flat_folder(tmp_path / "flat", 7)
+    flat = build_image_data(config("image_folder", tmp_path / "flat", image_size=8,
+                                   test_fraction=0.0, load_test=False))
+    assert len(flat.train) == 7 and {label for _, label in flat.train} == {0}
+    assert stack(flat.train).shape == (7, 3, 8, 8)
+    assert f"image folder {tmp_path / 'flat'}: flat folder, 7 images" in caplog.text
+
+    # Without path, a relative test_path is taken as root is: against the working directory.
+    monkeypatch.chdir(tmp_path)
+    held_out = build_image_data(config("image_folder", "flat", test_path="pets", image_size=8))
+    assert len(held_out.train) == 7 and len(held_out.test) == 10
+
+
+def one_line_not_found(root: Path, **overrides) -> str:
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_image_data(config("image_folder", root, **overrides))
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_image_folder_errors_name_the_folder(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    (tmp_path / "pets" / "birds").mkdir()                               # an empty class
+    (tmp_path / "pets" / "fish").mkdir()
+    (tmp_path / "pets" / "fish" / "notes.txt").write_text("not an image")
+    message = one_line_not_found(tmp_path / "pets")
+    assert f"class 'birds' has no images: {tmp_path / 'pets' / 'birds'} holds no file" in message
+    assert "1 other class folders: fish" in message
+
+    (tmp_path / "empty").mkdir()
+    assert str(tmp_path / "empty") in one_line_not_found(tmp_path / "empty")
+    assert "looked for images" in one_line_not_found(tmp_path / "missing")
+
+    write_image_folder(tmp_path / "mixed", n_per_class=1)
+    write_flat_folder(tmp_path / "mixed" / "loose", 0)
+    Image.fromarray(pixels((4, 4, 3), seed=0)).save(tmp_path / "mixed" / "stray.png")
+    message = one_line_not_found(tmp_path / "mixed")
+    assert f"image folder {tmp_path / 'mixed'} holds both images (1) and subfolders " \
+           f"(cats, dogs, loose)" in message
+
+
+def test_image_folder_path_picks_a_folder_under_root_as_before(tmp_path):
+    write_image_folder(tmp_path / "data" / "images")
+    data = build_image_data(config("image_folder", tmp_path / "data", path="images",
+                                   test_path="images/dogs", image_size=8))
+    assert len(data.train) == 10 and len(data.test) == 5
+
+
+# Two steps of a tiny U-Net on 8x8 images; the noise table given, not measured on the data.
+FOLDER_RUN = ["dataset=image_folder", "dataset.image_size=8", "dataset.num_workers=0",
+              "model=unet_small", "model.ch=8", "noise.num_scales=4", "noise.sigma_begin=1.0",
+              "sampler.n_steps_each=1", "trainer.n_steps=2", "trainer.ckpt_every=2",
+              "trainer.batch_size=4", "trainer.n_plot_samples=0", "trainer.device=cpu"]
+
+
+def test_ncsn_train_on_a_flat_folder_and_a_one_line_error_for_an_empty_class(tmp_path):
+    write_flat_folder(tmp_path / "faces", 6)
+    result = run_cli("ncsn-train", *FOLDER_RUN, f"dataset.root={tmp_path / 'faces'}",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert "flat folder, 6 images" in (tmp_path / "run" / "train.log").read_text()
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+    (tmp_path / "pets" / "birds").mkdir(parents=True)
+    write_image_folder(tmp_path / "pets")
+    result = run_cli("ncsn-train", *FOLDER_RUN, f"dataset.root={tmp_path / 'pets'}",
+                     f"hydra.run.dir={tmp_path / 'run2'}")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("ncsn-train: error: image folder class 'birds' has no images: "
+                               f"{tmp_path / 'pets' / 'birds'}")
 
 
 def test_digits_need_no_files_and_split_by_seed():

@@ -279,9 +279,9 @@ def test_sample_streams_images_with_a_grid_and_an_animation(digits_ckpt, tmp_pat
     assert [len(np.load(s)["samples"]) for s in shards] == [4, 4, 3]
     assert np.load(shards[0])["samples"].shape[1:] == (8, 8, 1)
     grid = Image.open(tmp_path / "samples.png")
-    assert grid.size == (3 * 33 + 1, 3 * 33 + 1)                  # 3x3 digits enlarged to 32 px
-    assert Image.open(tmp_path / "trajectory.gif").n_frames == 4 + 1
-    assert (tmp_path / "trajectory.png").is_file()
+    assert grid.size == (3 * 34 + 2, 3 * 34 + 2)       # 3x3 digits enlarged to 32 px, padding 2
+    assert Image.open(tmp_path / "trajectories.gif").n_frames == 4 + 1
+    assert (tmp_path / "trajectories.png").is_file()
 
 
 def test_inpaint_mode_keeps_the_test_digits_known_half(digits_ckpt, tmp_path):
@@ -292,7 +292,7 @@ def test_inpaint_mode_keeps_the_test_digits_known_half(digits_ckpt, tmp_path):
     assert completions.shape == (3, 2, 1, 8, 8)
     assert np.array_equal(completions[..., :4], np.broadcast_to(known[:, None, ..., :4],
                                                                   completions[..., :4].shape))
-    assert Image.open(tmp_path / "inpainting.png").size == (4 * 33 + 1, 3 * 33 + 1)
+    assert Image.open(tmp_path / "inpainting.png").size == (4 * 34 + 2, 3 * 34 + 2)
 
 
 def test_interpolate_mode_writes_rows(digits_ckpt, tmp_path):

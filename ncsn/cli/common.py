@@ -89,9 +89,11 @@ def run_over_ranks(hydra_main: Callable[[], None]) -> None:
 
 
 def print_help(prog: str, config_name: str, summary: str, argv: list[str],
-               groups: tuple[str, ...] | None = None) -> None:
+               groups: tuple[str, ...] | None = None, checkpoint_sampler: bool = False) -> None:
     """``--help``: the config groups with their options (the user-facing ones, not the
-    schemas) and the config composed with the other arguments."""
+    schemas) and the config composed with the other arguments. ``checkpoint_sampler``: the
+    command samples a checkpoint, whose own sampler replaces the sampler config composed
+    here; the help says so, and shows that sampler when ``ckpt=PATH`` is given."""
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
@@ -114,5 +116,33 @@ def print_help(prog: str, config_name: str, summary: str, argv: list[str],
     with initialize_config_dir(str(root), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)
     print("\n== Config (override any key with key=value) ==")
+    if checkpoint_sampler:
+        print(_checkpoint_sampler(cfg, overrides))
     print(OmegaConf.to_yaml(cfg))
     print("--cfg job prints the config of a run; --hydra-help shows Hydra's own options.")
+
+
+def _checkpoint_sampler(cfg: DictConfig, overrides: list[str]) -> str:
+    """With ``ckpt=PATH`` in ``cfg``: put the sampler that will run into ``cfg.sampler``
+    (the checkpoint's saved one with the command line's sampler keys, or ``sampler=NAME``
+    instead). Returns the comment line that says where the sampler shown comes from."""
+    from omegaconf import OmegaConf, open_dict
+
+    from ncsn.checkpoint import load_checkpoint
+    from ncsn.generate import sampler_config
+
+    ckpt = None if OmegaConf.is_missing(cfg, "ckpt") else cfg.get("ckpt")
+    if ckpt is None:
+        return ("# sampler: the checkpoint's own saved sampler replaces these defaults "
+                "(sampler.KEY=VALUE given here changes one of its keys, sampler=NAME replaces "
+                "it); add ckpt=PATH to --help to see the sampler that will run")
+    try:
+        keys, replaced = sampler_overrides(cfg, overrides)
+        chosen = sampler_config(load_checkpoint(ckpt)["config"]["sampler"], keys, replaced)
+    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+        return (f"# sampler: the checkpoint's own saved sampler replaces these defaults; "
+                f"ckpt={ckpt} could not be read: {err}")
+    with open_dict(cfg):
+        cfg.sampler = chosen
+    return (f"# sampler: the one that will run, ckpt={ckpt}'s saved sampler with the sampler "
+            f"keys given here")

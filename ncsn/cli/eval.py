@@ -50,7 +50,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "stats":
         sys.argv[1] = "mode=stats"
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
-        print_help("ncsn-eval", "eval", SUMMARY, sys.argv[1:], groups=("dataset", "sampler"))
+        print_help("ncsn-eval", "eval", SUMMARY, sys.argv[1:], groups=("dataset", "sampler"),
+                   checkpoint_sampler=True)
         return
     precheck("ncsn-eval", "eval", _check_request)
     run_over_ranks(_main)

@@ -41,7 +41,7 @@ def main() -> None:
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-sample", "sample", "draw samples from a checkpoint. Example: "
                    "ncsn-sample ckpt=RUN/checkpoints/last.pt out=DIR n_samples=5000",
-                   sys.argv[1:], groups=("sampler",))
+                   sys.argv[1:], groups=("sampler",), checkpoint_sampler=True)
         return
     precheck("ncsn-sample", "sample", check_ckpt_given)
     run_over_ranks(_main)

@@ -6,12 +6,15 @@ Every image goes
     -> (dequantization) -> model space: [0, 1], [-1, 1] (``rescaled``) or R (``logit_transform``)
 
 and :func:`build_image_data` returns a :class:`ncsn.data.Data` whose ``to_data_space`` undoes
-the last step. Each dataset lives in its own folder under ``root``. One that is not on disk
-and cannot be downloaded raises :class:`DatasetNotFoundError`, whose message is one line:
-what was looked for, where, and how to provide it.
+the last step. Each dataset lives in its own folder under ``root``, except ``image_folder``,
+whose ``root`` is the folder of images itself. One that is not on disk and cannot be
+downloaded raises :class:`DatasetNotFoundError`, whose message is one line: what was looked
+for, where, and how to provide it.
 """
 from __future__ import annotations
 
+import logging
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +25,17 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+log = logging.getLogger(__name__)
 
 from ncsn.data.device import RawImages
 from ncsn.data.space import ModelSpace, inverse_logit_transform, logit_transform
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is not on disk and could not be downloaded. The message is one line."""
+    """A dataset is not on disk (or not laid out as its loader reads it) and could not be
+    downloaded. The message is one line."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -91,13 +98,18 @@ class LSUNConfig(ImageDataConfig):
 @dataclass
 class ImageFolderConfig(ImageDataConfig):
     name: str = "image_folder"
-    path: str = "images"                 # folder of class subfolders (path/<class>/<image>);
-                                         # a relative path is taken under root
+    root: str = "data"                   # the folder of images: root/<image>, or class subfolders
+                                         # root/<class>/<image> (torchvision's ImageFolder)
+    path: Optional[str] = None           # null: root itself; a name: the folder root/path (an
+                                         # absolute path as it is)
     image_size: int = 64
     channels: int = 3                    # 3: RGB, 1: greyscale
     crop_size: Optional[int] = None      # centre crop before resizing; null: resize the shorter
                                          # side to image_size, then centre-crop a square
-    test_path: Optional[str] = None      # a folder for the test split; null: hold out test_fraction
+    test_path: Optional[str] = None      # a folder for the test split, laid out like the
+                                         # training one; relative: under root when path is
+                                         # given, else to the working directory (like root);
+                                         # null: hold out test_fraction of the training folder
     test_fraction: float = 0.1
     split_seed: int = 0
 
@@ -381,28 +393,99 @@ def _split_indices(n: int, test_fraction: float, seed: int,
             permutation[n_test:n_test + n_validation])
 
 
+class FlatImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder over the images in ``root`` (and, as ImageFolder walks a
+    class folder, in its subfolders) without class subfolders: one class, label 0."""
+
+    def find_classes(self, directory):
+        return [""], {"": 0}                            # the class folder root/"" is root
+
+
+def image_folder_paths(cfg: ImageFolderConfig, root: Optional[Path] = None
+                       ) -> tuple[Path, Optional[Path]]:
+    """(training folder, test folder or None) of an image_folder config: ``root`` itself,
+    or root/path when ``path`` is given; ``test_path`` is taken as ``path`` would be, under
+    root when ``path`` is given, else against the working directory as ``root`` is."""
+    root = root if root is not None else Path(cfg.root).expanduser().resolve()
+    train = root if cfg.path is None else root / Path(cfg.path).expanduser()
+    if cfg.test_path is None:
+        return train, None
+    base = Path.cwd() if cfg.path is None else root
+    return train, (base / Path(cfg.test_path).expanduser()).resolve()
+
+
+def _scan(where: Path) -> tuple[list[str], int]:
+    """(names of the subfolders, number of image files) directly in ``where``."""
+    how = (f"put the images in it ({where}/0001.png) or in class subfolders "
+           f"({where}/<class>/0001.png), or point dataset.root at such a folder")
+    try:
+        entries = list(os.scandir(where))
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise _not_found("image folder", "images or class subfolders of images", where,
+                         how) from error
+    folders = sorted(e.name for e in entries if e.is_dir())
+    n_images = sum(e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS)
+                   for e in entries)
+    if not folders and not n_images:
+        raise _not_found("image folder", "images or class subfolders of images", where, how,
+                         f" (no file ending in {', '.join(IMG_EXTENSIONS)})")
+    if folders and n_images:
+        raise DatasetNotFoundError(
+            f"image folder {where} holds both images ({n_images}) and subfolders "
+            f"({_some(folders)}): the images must all lie in it or all in class subfolders; "
+            f"move them, or point dataset.path at one subfolder")
+    return folders, n_images
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def image_folder(where: Path) -> datasets.ImageFolder:
+    """The images in ``where``, untransformed (items: (PIL image, class index)): class
+    subfolders ``where/<class>/.../<image>`` as torchvision's ImageFolder reads them, or the
+    images directly in ``where`` (one class). A missing or empty folder, a class folder
+    without images, and images beside subfolders raise :class:`DatasetNotFoundError`, one
+    line naming the folder."""
+    folders, _ = _scan(where)
+    if not folders:
+        images = FlatImageFolder(str(where))
+        log.info("image folder %s: flat folder, %d images", where, len(images))
+        return images
+    images = datasets.ImageFolder(str(where), allow_empty=True)
+    found = set(images.targets)
+    empty = [c for i, c in enumerate(images.classes) if i not in found]
+    if empty:
+        raise DatasetNotFoundError(
+            f"image folder class {empty[0]!r} has no images: {where / empty[0]} holds no file "
+            f"ending in {', '.join(IMG_EXTENSIONS)}"
+            + (f" (nor do {len(empty) - 1} other class folders: {_some(empty[1:])})"
+               if len(empty) > 1 else "")
+            + "; add images to it or remove it")
+    log.info("image folder %s: %d images, %d classes (%s)", where, len(images),
+             len(images.classes), _some(images.classes))
+    return images
+
+
 def _image_folder(cfg: ImageFolderConfig, root: Path):
     if cfg.channels not in (1, 3):
         raise ValueError(f"dataset.channels must be 1 or 3, got {cfg.channels}")
     grey = [transforms.Grayscale(1)] if cfg.channels == 1 else []
     steps = grey + _resize(cfg.image_size, crop_size=cfg.crop_size)
-    how = ("put the images in class subfolders, e.g. <path>/<class>/0001.png (one subfolder "
-           "is enough), or point dataset.path at such a folder")
 
-    def folder(path: str, train: bool) -> Dataset:
-        where = root / Path(path).expanduser()          # an absolute path stays as it is
-        return _load(lambda: datasets.ImageFolder(str(where), _pil_transform(cfg, train, steps)),
-                     "image folder", "class subfolders of images", where, how, download=False)
+    def split(images: Dataset, train: bool) -> Dataset:
+        return _Transformed(images, _pil_transform(cfg, train, steps))
 
-    if cfg.test_path is not None:
-        test = folder(cfg.test_path, False) if cfg.load_test else None
-        return (folder(cfg.path, True), test), cfg.channels
-    train = folder(cfg.path, True)
-    train_idx, test_idx, _ = _split_indices(len(train), cfg.test_fraction, cfg.split_seed)
+    where, test_where = image_folder_paths(cfg, root)
+    images = image_folder(where)
+    if test_where is not None:
+        test = split(image_folder(test_where), False) if cfg.load_test else None
+        return (split(images, True), test), cfg.channels
+    train_idx, test_idx, _ = _split_indices(len(images), cfg.test_fraction, cfg.split_seed)
     test = None
     if cfg.load_test and len(test_idx) > 0:
-        test = Subset(folder(cfg.path, False), test_idx.tolist())
-    return (Subset(train, train_idx.tolist()), test), cfg.channels
+        test = Subset(split(images, False), test_idx.tolist())
+    return (Subset(split(images, True), train_idx.tolist()), test), cfg.channels
 
 
 class TensorImageDataset(Dataset):
@@ -507,5 +590,6 @@ def build_image_data(cfg) -> "Data":
 __all__ = ["DatasetNotFoundError", "IMAGE_DATASETS", "ImageDataConfig", "CIFAR10Config",
            "MNISTConfig", "FashionMNISTConfig", "SVHNConfig", "CelebAConfig", "LSUNConfig",
            "ImageFolderConfig", "DigitsConfig", "image_config", "build_image_data",
+           "image_folder", "image_folder_paths", "FlatImageFolder",
            "ModelSpace", "logit_transform", "inverse_logit_transform", "UniformDequantize",
            "GaussianDequantize", "TensorImageDataset", "LSUN_CATEGORIES"]

@@ -132,13 +132,13 @@ def stats_cache_path(dataset_cfg, split: str, options: EvalOptions,
                      max_images: int | None = None) -> Path:
     """``<stats_dir>/<dataset>[-variant]_<split>_<size>[_n<max>][_random-init].npz``; the
     variant tells LSUN categories, CelebA crops and image folders apart."""
-    from ncsn.data.images import image_config
+    from ncsn.data.images import image_config, image_folder_paths
 
     cfg = image_config(_image_dataset(dataset_cfg))
     variant = {"lsun": lambda: f"-{cfg.category}",
                "celeba": lambda: f"-crop{cfg.crop_size}",
                "image_folder": lambda: "-" + hashlib.sha1(
-                   str((Path(cfg.root).expanduser() / cfg.path).resolve()).encode()).hexdigest()[:8],
+                   str(image_folder_paths(cfg)[0].resolve()).encode()).hexdigest()[:8],
                }.get(cfg.name, lambda: "")()
     name = f"{cfg.name}{variant}_{split}_{cfg.image_size}"
     name += f"_n{max_images}" if max_images is not None else ""

@@ -2,6 +2,7 @@
 of samples scored in one pass, checkpoints sampled and scored, the checkpoints of a run."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from ncsn import distributed, registry
 from ncsn.checkpoint import STEP_FILE, CheckpointError
+from ncsn.cost import sampling_cost
 from ncsn.evaluate.nll import score_nll
 from ncsn.evaluate.options import FID_SAMPLES, METRICS, EvalOptions, as_dict, progress
 from ncsn.evaluate.reference import Reference
@@ -24,6 +26,7 @@ from ncsn.metrics import (energy_distance, fid_inception_v3, frechet_distance, k
 from ncsn.metrics.digits import digits_metrics
 from ncsn.registry import ConfigError
 
+log = logging.getLogger(__name__)
 REFERENCE_SEED_OFFSET = 1000        # fresh 2-D data: training drew with seed and seed + 1
 
 
@@ -290,6 +293,9 @@ def _draw_and_score(sampler, metrics: Sequence[str], draw: Draw, tools: Instrume
     measures in the samples' order, so its scores are one process's (the other ranks
     return empty scores)."""
     scorer = SampleScorer(metrics, tools, draw.n_samples, reference, draw.seed)
+    if distributed.is_main():
+        log.info("%s", sampling_cost(sampler, draw.n_samples, draw.batch_size,
+                                     distributed.world_size()))
     measured = sampler.batches(draw.n_samples, draw.batch_size, draw.seed,
                                on_rank=scorer.measure)
     if not distributed.is_main():
