@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from ncsn import registry
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (CUDA runs asynchronously; the CPU does not)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -25,11 +26,11 @@ def seconds_per_evaluation(net: nn.Module, x: Tensor, sigma: Tensor | None = Non
     """Wall time of one ``net(x, sigma)`` on ``x``'s device, under ``autocast()``: the second
     of two calls (the first pays for warm-up)."""
     for _ in range(2):
-        _synchronize(x.device)
+        synchronize(x.device)
         start = time.perf_counter()
         with autocast():
             net(x, sigma)
-        _synchronize(x.device)
+        synchronize(x.device)
     return time.perf_counter() - start
 
 

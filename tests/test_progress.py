@@ -25,23 +25,3 @@ def test_log_lines_every_log_every_steps_when_output_is_a_file(tmp_path):
 def test_a_flows_likelihood_is_named_in_bits_per_dim_on_images_and_nats_on_points():
     assert nll_unit(compose_train(["dataset=digits"]).dataset) == " bits/dim"
     assert nll_unit(compose_train([]).dataset) == " nats"
-
-
-def test_the_log_names_the_model_as_the_command_line_chose_it():
-    # model=unet_small is the unet network at a small size: the log says both.
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    from ncsn.config import config_dir
-    from ncsn.training.run import model_label
-
-    for choice, label in (("unet_small", "unet_small (unet)"), ("unet", "unet")):
-        with initialize_config_dir(config_dir(), version_base="1.3"):
-            cfg = compose("train", overrides=["dataset=digits", f"model={choice}"],
-                          return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        try:
-            assert model_label(cfg.model) == label
-        finally:
-            HydraConfig.instance().cfg = None
-    assert model_label(cfg.model) == "unet"            # no Hydra: the network's own name

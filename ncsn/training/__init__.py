@@ -12,14 +12,14 @@ One file for each part of a training job:
 - ``state``: the run as a checkpoint, and which checkpoint it resumes from
 - ``logger``: TensorBoard scalars and the progress lines
 - ``held_out``: the held-out loss and best.pt
-- ``cost``: what drawing samples will cost, logged before it starts
+- ``sampling_cost``: what drawing the pictures' samples will cost (``ncsn.cost``), logged
+  before it starts, and how many fit in the process group's timeout
 - ``pictures``: samples drawn during training and their pictures
 - ``signals``: stop signals (Ctrl-C, preemption): checkpoint, then stop
 - ``rng``, ``context``: random state, evaluation mode, autocast
 """
-from ncsn.training.context import autocast, evaluating, synchronize
-from ncsn.training.cost import (log_sampling_cost, network_evaluations, samples_within_timeout,
-                                seconds_per_evaluation)
+from ncsn.cost import synchronize
+from ncsn.training.context import autocast, evaluating
 from ncsn.training.ema import build_ema, plain_ema_state, update_ema
 from ncsn.training.held_out import test_loss
 from ncsn.training.logger import loss_unit, nll_unit
@@ -27,6 +27,8 @@ from ncsn.training.loop import train
 from ncsn.training.monitor import NonFiniteLossError, check_finite
 from ncsn.training.pictures import draw_samples, draw_shared, report
 from ncsn.training.run import Run, build_run, initialize_from_data, resolve_device
+from ncsn.training.sampling_cost import (log_sampling_cost, network_evaluations,
+                                         samples_within_timeout, seconds_per_evaluation)
 from ncsn.training.schedule import learning_rate
 from ncsn.training.signals import TrainingInterrupted
 from ncsn.training.speed import auto_num_threads, resolve_precision, step_flops
@@ -39,6 +41,7 @@ __all__ = [
     "initialize_from_data", "learning_rate", "load_state", "log_sampling_cost", "loss_unit",
     "network_evaluations", "nll_unit", "plain_ema_state", "report",
     "resolve_device", "resolve_precision", "samples_within_timeout", "save",
-    "seconds_per_evaluation", "state_dict", "step_flops", "synchronize", "test_loss", "train", "train_step",
+    "seconds_per_evaluation", "state_dict", "step_flops", "synchronize", "test_loss", "train",
+    "train_step",
     "update_ema",
 ]

@@ -35,8 +35,3 @@ def isolated_rng(device: torch.device):
 def autocast(run: Run):
     dtype = run.speed.amp_dtype
     return torch.autocast(run.device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ncsn import registry
+from ncsn.cost import duration
 from ncsn.training.monitor import check_finite
 
 if TYPE_CHECKING:
@@ -81,9 +82,3 @@ def loss_unit(run: Run) -> str:
     """The training loss's unit for the log: a likelihood's (loss=nll), else none (score
     matching's losses are squared score errors with no common unit)."""
     return nll_unit(run.cfg.dataset) if run.cfg.loss.name == "nll" else ""
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.2g} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

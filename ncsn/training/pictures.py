@@ -11,9 +11,9 @@ from ncsn import distributed, registry, viz
 from ncsn.image_io import enlarge
 from ncsn.sampling import per_sample_noise
 from ncsn.training.context import autocast, evaluating, isolated_rng
-from ncsn.training.cost import samples_within_timeout
 from ncsn.training.held_out import held_out_name, keep_if_best, test_loss
 from ncsn.training.logger import nll_unit
+from ncsn.training.sampling_cost import samples_within_timeout
 
 if TYPE_CHECKING:
     from ncsn.training.run import Run

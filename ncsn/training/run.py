@@ -13,6 +13,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.tensorboard import SummaryWriter
 
 from ncsn import distributed, registry
+from ncsn.config import chosen_name
 from ncsn.data import Data
 from ncsn.training.ema import build_ema
 from ncsn.training.monitor import StepMonitor
@@ -171,17 +172,6 @@ def describe(run: Run) -> None:
     noise = ("a normalizing flow: no noise levels" if registry.is_flow(cfg.model) else
              f"{len(run.sigmas)} noise levels, sigma {float(run.sigmas[0]):.4g} -> "
              f"{float(run.sigmas[-1]):.4g}")
-    log.info("model %s: %s parameters; %s; device %s%s", model_label(cfg.model),
+    log.info("model %s: %s parameters; %s; device %s%s", chosen_name("model", cfg.model.name),
              f"{count_parameters(run.module):,}", noise, run.device,
              f"; {distributed.world_size()} processes" if distributed.is_distributed() else "")
-
-
-def model_label(model_cfg) -> str:
-    """The network as the command line chose it: ``unet_small (unet)`` for model=unet_small,
-    ``ncsnv2`` for model=ncsnv2 (Hydra's choice of the model group, when Hydra runs)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    choice = None
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get("model")
-    return f"{choice} ({model_cfg.name})" if choice and choice != model_cfg.name else model_cfg.name

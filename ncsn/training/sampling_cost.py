@@ -3,14 +3,13 @@ process group's timeout."""
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import torch
 
-from ncsn import distributed, registry
-from ncsn.training.context import autocast, evaluating, synchronize
-from ncsn.training.logger import duration
+from ncsn import cost, distributed, registry
+from ncsn.cost import duration
+from ncsn.training.context import autocast, evaluating
 
 if TYPE_CHECKING:
     from ncsn.training.run import Run
@@ -25,21 +24,14 @@ def network_evaluations(sampler_cfg, n_levels: int) -> int | None:
     return registry.planned_nfe(sampler_cfg, n_levels)
 
 
-@torch.no_grad()
 def seconds_per_evaluation(run: Run, n: int) -> float:
-    """Wall time of one evaluation of the sampling network on a batch of ``n`` (the second of
-    two: the first pays for warm-up)."""
+    """Wall time of one evaluation of the sampling network on a batch of ``n``, under the
+    run's autocast (:func:`ncsn.cost.seconds_per_evaluation`)."""
     x = torch.zeros(n, *run.data.shape, device=run.device)
     sigma = run.sigmas[-1:].to(run.device).expand(n) if registry.is_conditional(
         run.cfg.model) else None
     with evaluating(run.sampling_net) as net:
-        for _ in range(2):
-            synchronize(run.device)
-            start = time.perf_counter()
-            with autocast(run):
-                net(x, sigma)
-            synchronize(run.device)
-    return time.perf_counter() - start
+        return cost.seconds_per_evaluation(net, x, sigma, lambda: autocast(run))
 
 
 def log_sampling_cost(run: Run, n: int) -> float | None:
