@@ -60,7 +60,8 @@ def test_experiment_trains_one_step_at_a_tiny_size(name, tmp_path, monkeypatch):
     ckpt = load_checkpoint(last)
     assert ckpt["step"] == 1 and ckpt["config"]["model"]["name"] == cfg.model.name
     if len(ckpt["data_shape"]) == 3:
-        assert Image.open(tmp_path / "pictures" / "samples_00000001.png").size[0] > 1
+        for name in ("samples.png", "samples_00000001.png"):
+            assert Image.open(tmp_path / "pictures" / name).size[0] > 1
 
 
 @pytest.mark.parametrize("overrides", [[f"experiment={name}"] for name in EXPERIMENTS]

@@ -92,7 +92,9 @@ def report(run: Run) -> None:
             report_points(run, samples, trajectory)
         elif run.data.kind == "images":
             grid = enlarge(samples[:64])
-            viz.save_grid(grid, run.run_dir / "pictures" / f"samples_{run.step:08d}.png", nrow=8)
+            # samples.png: the newest, as for 2-D runs; samples_STEP.png: the run's history.
+            for name in ("samples.png", f"samples_{run.step:08d}.png"):
+                viz.save_grid(grid, run.run_dir / "pictures" / name, nrow=8)
             run.writer.add_image("samples", viz.image_grid(grid, nrow=8), run.step)
 
 
