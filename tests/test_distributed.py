@@ -18,7 +18,7 @@ import torch
 
 from ncsn import distributed, losses, registry
 from ncsn import training
-from ncsn.checkpoint import load_checkpoint
+from ncsn.checkpoint import CheckpointError, load_checkpoint
 from conftest import BIN, TINY, compose_train, spawn_ranks
 
 K = 6                                                # steps of the DDP runs
@@ -56,7 +56,7 @@ def _worker(rank, world, port, overrides, run_dirs, out_dir, fault):
             if run.step == 2 and fault == "signal":
                 os.kill(os.getpid(), signal.SIGUSR1)          # only this rank is signalled
             return stats
-        training.train_step = faulty
+        training.loop.train_step = faulty
     try:
         path = training.train(compose_train(overrides), run_dirs[rank])
         outcome = {"ok": str(path), "opened": opened}
@@ -195,7 +195,10 @@ def test_resume_false_starts_over_and_a_bad_value_is_named(tmp_path):
     again = training.train(compose_train(TINY + ["trainer.n_steps=10", "trainer.resume=false"]),
                            tmp_path)
     assert load_checkpoint(again)["step"] == 10
-    with pytest.raises(registry.ConfigError, match="trainer.resume must be auto, true or false"):
+    # Any other value is a checkpoint file: one that is not there is named with the choices.
+    with pytest.raises(CheckpointError, match="trainer.resume=yes: checkpoint not found: yes "
+                                              r"\(trainer.resume takes auto, true, false or a "
+                                              r"checkpoint file\)"):
         training.train(compose_train(TINY + ["trainer.resume=yes"]), tmp_path)
 
 

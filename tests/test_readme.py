@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import re
 import shlex
 import sys
@@ -135,22 +134,6 @@ def skip_reason(doc: str, program: str, args: list[str]) -> str | None:
     return next((why for d, command, why in SKIPPED if d == doc and command == text), None)
 
 
-def sweep_points(overrides: list[str]) -> list[list[str]]:
-    """Every job of ``ncsn-train -m`` with these overrides: Hydra's sweep syntax
-    (``a=1,2``, ``range(...)``, ``choice(...)``) expanded into its cartesian product."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    values = []
-    for override, text in zip(parsed, overrides):
-        if override.is_sweep_override():
-            key = override.get_key_element()
-            values.append([f"{key}={v}" for v in override.sweep_string_iterator()])
-        else:
-            values.append([text])
-    return [list(point) for point in itertools.product(*values)]
-
-
 def check_command(program: str, args: list[str], monkeypatch) -> None:
     """What the command's pre-flight check would do with ``args``, in this process; raises
     ``ConfigError`` (or ``CheckpointError``) for a command that the program would refuse."""
@@ -188,7 +171,7 @@ def check_command(program: str, args: list[str], monkeypatch) -> None:
         i += 1
     check = {"train": precheck.check_train, "sample": precheck.check_ckpt_given,
              "eval": getattr(module, "_check_request", None)}[PROGRAMS[program]]
-    for point in sweep_points(overrides) if sweep else [overrides]:
+    for point in precheck.sweep_points(overrides) if sweep else [overrides]:
         cfg = precheck.compose_checked(PROGRAMS[program], point)
         precheck.check_keys(cfg)
         check(cfg)

@@ -129,7 +129,7 @@ def _fitted_to_a_short_timeout(run):
     4 fit."""
     nfe = training.network_evaluations(run.cfg.sampler, len(run.sigmas))
     distributed.TIMEOUT = timedelta(seconds=2)
-    training.seconds_per_evaluation = lambda run, n: n * 0.5 / nfe
+    training.sampling_cost.seconds_per_evaluation = lambda run, n: n * 0.5 / nfe
     logged = []
     handler = logging.Handler()
     handler.emit = lambda record: logged.append(record.getMessage())

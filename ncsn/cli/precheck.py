@@ -5,6 +5,8 @@ with one line and exit status 2, before Hydra creates the run's folder (``output
 from __future__ import annotations
 
 import difflib
+import itertools
+import math
 import re
 import sys
 from typing import Callable
@@ -26,19 +28,52 @@ def precheck(prog: str, config_name: str, check: Callable[[DictConfig], None]) -
     """Compose ``config_name`` with the command line's overrides and run ``check`` on it;
     any problem becomes ``prog: error: <one line>`` on stderr and exit status 2.
 
-    A command line with a flag (``-m``, ``--cfg job``, ``--info``, ...) is left to Hydra:
-    sweeps are not one config, and printing a config needs no valid values. Each job of a
-    sweep still runs ``check`` itself."""
+    A sweep (``-m``) is checked job by job (:func:`sweep_points`) before Hydra makes its
+    ``multirun/`` folder; a command line with another flag (``--cfg job``, ``--info``, ...)
+    is left to Hydra: printing a config needs no valid values."""
     argv = sys.argv[1:]
-    if any(arg.startswith("-") for arg in argv):
+    sweep = [arg for arg in argv if arg in SWEEP_FLAGS]
+    if any(arg.startswith("-") and arg not in SWEEP_FLAGS for arg in argv):
         return
+    overrides = [arg for arg in argv if arg not in SWEEP_FLAGS]
     try:
-        cfg = compose_checked(config_name, argv)
-        check_keys(cfg)
-        check(cfg)
+        for point in sweep_points(overrides) if sweep else [overrides]:
+            cfg = compose_checked(config_name, point)
+            check_keys(cfg)
+            check(cfg)
     except (ConfigError, CheckpointError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+SWEEP_FLAGS = ("-m", "--multirun")
+# A sweep of more jobs than this is checked along each swept key alone (the others at their
+# first value), not job by job: a key's values are what a typo hides in.
+MAX_CHECKED_JOBS = 64
+
+
+def sweep_points(overrides: list[str]) -> list[list[str]]:
+    """The jobs of ``-m`` with these overrides: Hydra's sweep syntax (``a=1,2``,
+    ``range(...)``, ``choice(...)``) expanded into its cartesian product, or, past
+    MAX_CHECKED_JOBS jobs, each swept value with the other keys at their first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(_first_lines(err)) from None
+    values = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            values.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        else:
+            values.append([text])
+    if math.prod(len(v) for v in values) <= MAX_CHECKED_JOBS:
+        return [list(point) for point in itertools.product(*values)]
+    first = [v[0] for v in values]
+    return [first[:i] + [value] + first[i + 1:]
+            for i, options in enumerate(values) for value in options]
 
 
 def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:

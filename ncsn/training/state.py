@@ -151,4 +151,4 @@ def why_fresh(cfg: DictConfig, run_dir: Path) -> str:
     """Why a run starts at step 0 (its log says so)."""
     if resume_mode(cfg.trainer.resume) == "false":
         return "trainer.resume=false"
-    return f"no checkpoint in {run_dir / 'checkpoints'} to resume (trainer.resume=auto)"
+    return f"no checkpoint {run_dir / 'checkpoints' / 'last.pt'} to resume (trainer.resume=auto)"
