@@ -147,9 +147,10 @@ def takes_sigma_values(model_cfg) -> bool:
 
 def network(model_cfg) -> Network:
     """What the objectives and samplers may ask of the network ``model_cfg`` builds."""
+    batch_norm = model_cfg.name == "realnvp" and model_cfg.get("norm") == "batch"
     return Network(name=model_cfg.name, conditional=is_conditional(model_cfg),
                    takes_sigma_values=takes_sigma_values(model_cfg), flow=is_flow(model_cfg),
-                   batch_statistics=model_cfg.name == "realnvp" and model_cfg.get("norm") == "batch",
+                   batch_statistics=batch_norm,
                    embedding=model_cfg.embedding if model_cfg.name == "cond_mlp" else None)
 
 

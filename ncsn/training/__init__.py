@@ -39,9 +39,7 @@ __all__ = [
     "Run", "NonFiniteLossError", "TrainingInterrupted", "autocast", "auto_num_threads",
     "build_ema", "build_run", "check_finite", "draw_samples", "draw_shared", "evaluating",
     "initialize_from_data", "learning_rate", "load_state", "log_sampling_cost", "loss_unit",
-    "network_evaluations", "nll_unit", "plain_ema_state", "report",
-    "resolve_device", "resolve_precision", "samples_within_timeout", "save",
-    "seconds_per_evaluation", "state_dict", "step_flops", "synchronize", "test_loss", "train",
-    "train_step",
-    "update_ema",
+    "network_evaluations", "nll_unit", "plain_ema_state", "report", "resolve_device",
+    "resolve_precision", "samples_within_timeout", "save", "seconds_per_evaluation",
+    "state_dict", "step_flops", "synchronize", "test_loss", "train", "train_step", "update_ema",
 ]

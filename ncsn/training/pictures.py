@@ -41,11 +41,10 @@ def draw_samples(run: Run, n: int, return_trajectory: bool = False, seed: int = 
         return run.sampler(score, x, return_trajectory=return_trajectory, progress=progress)
 
 
-
 def draw_shared(run: Run, n: int, return_trajectory: bool = False, progress: bool = False):
-    """:func:`draw_samples` of ``n`` split over the ranks (:func:`ncsn.distributed.rank_share`); rank 0
-    gathers every rank's share and returns one process's result on the CPU, the other
-    ranks return None."""
+    """:func:`draw_samples` of ``n`` split over the ranks
+    (:func:`ncsn.distributed.rank_share`); rank 0 gathers every rank's share and returns one
+    process's result on the CPU, the other ranks return None."""
     mine = distributed.rank_share(n)
     out = None
     if len(mine) > 0:
