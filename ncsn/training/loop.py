@@ -1,4 +1,5 @@
-"""The training loop."""
+"""The training loop: :func:`train` resumes or starts a run, then steps, logs, checkpoints
+and draws pictures until trainer.n_steps, a stop signal or a non-finite loss."""
 from __future__ import annotations
 
 import logging
