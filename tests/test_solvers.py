@@ -11,12 +11,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from ncsn import registry, training
+from ncsn.checkpoint import load_checkpoint
 from ncsn.cli import precheck
+from ncsn.generate import load_sampler
 from ncsn.noise import geometric_sigmas
 from ncsn.registry import ConfigError
-from ncsn.sampling import (CountingNet, ancestral_step, dpmpp_2m, edm_sigmas, euler,
+from ncsn.sampling import (CountingNet, KnownValues, ancestral_step, dpmpp_2m, edm_sigmas, euler,
                            euler_ancestral, ipndm, per_sample_noise)
-from conftest import TINY, compose_train, run_cli
+from conftest import TINY, compose_train
 from test_fast_samplers import (SIGMA_MAX, SIGMA_MIN, assert_recovers_the_mixture,
                                 gaussian_score, mixture_score, sampler_cfg, start)
 
@@ -105,6 +107,17 @@ def test_euler_ancestral_draws_each_samples_noise_from_its_own_generator():
     assert torch.equal(whole, torch.cat(parts))
 
 
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_the_known_values_come_back_exactly(name):
+    """``known(x, sigma)`` (inpainting's hook) is applied before every evaluation and to the
+    result, as in heun."""
+    y = torch.zeros(16, 2)
+    y[:, 0] = torch.where(torch.arange(16) % 2 == 0, 5.0, -5.0)
+    known = KnownValues(y, torch.tensor([True, False]))
+    x = SOLVERS[name](mixture_score, SIGMA_MAX * torch.randn(16, 2), karras(5), known=known)
+    assert torch.equal(x[:, 0], y[:, 0])
+
+
 # ----------------------------------------------------------------------------- NFE and configs
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 @pytest.mark.parametrize("n", [2, 7])
@@ -166,10 +179,11 @@ def test_a_table_network_given_a_solver_is_refused_in_one_line(name):
         registry.check_sampler(sampler_cfg(name), OmegaConf.create({"name": "ncsn"}))
 
 
-def test_ncsn_sample_prints_the_solvers_nfe(tmp_path):
-    ckpt = training.train(compose_train([*TINY, "trainer.n_steps=2"]), tmp_path / "run")
-    result = run_cli("ncsn-sample", f"ckpt={ckpt}", f"out={tmp_path / 'out'}", "n_samples=8",
-                     "sampler=dpmpp_2m", "sampler.num_steps=4")
-    assert result.returncode == 0, result.stderr
-    assert "NFE: 4 network evaluations per sample (sampler=dpmpp_2m)" in \
-        result.stdout + result.stderr
+def test_a_checkpoint_sampled_by_a_solver_counts_num_steps(tmp_path):
+    """The count ``ncsn-sample`` and ``ncsn-eval`` print (``NFE: 4 network evaluations per
+    sample``, from ``CheckpointSampler.nfe_summary``; the line itself: test_fast_samplers)."""
+    ckpt = load_checkpoint(training.train(compose_train([*TINY, "trainer.n_steps=2"]), tmp_path))
+    for name in SOLVERS:
+        sampler = load_sampler(ckpt, sampler_cfg(name, num_steps=4), device="cpu")
+        assert [len(batch) for batch in sampler.batches(6, 4)] == [4, 2]
+        assert sampler.nfe_summary() == "4 network evaluations"
