@@ -478,8 +478,8 @@ def heun(net: ScoreNet, x: Tensor, sigmas: Tensor, S_churn: float = 0.0, S_tmin:
 # (diff-solvers-main/solvers.py, ipndm_sampler), on EDM's denoiser of a score network. Each
 # takes the grid ``sigmas`` ``(N,)``, largest first, appends sigma_N = 0 (k-diffusion's
 # ``append_zero``) and evaluates the network once at each sigma_i, for the step to
-# sigma_(i+1): NFE N. The arithmetic follows the reference code's, so that on the same grid
-# and noise the chains agree to round-off (scripts/check_solvers.py).
+# sigma_(i+1): NFE N. The arithmetic is the reference code's, operation for operation, so on
+# the same grid and noise the chains are equal to the bit (scripts/check_solvers.py).
 Step = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
