@@ -58,6 +58,11 @@ class SamplerSpec:
     Config: ClassVar[type] = SamplerInitConfig
     annealed: ClassVar[bool] = False
     for_flows: ClassVar[bool] = False
+    # Inpainting (ncsn-sample mode=inpaint): the sampler takes ``known=KnownValues`` and sets
+    # the known pixels at each level; ``fixed_known_noise``: one noise draw for their whole
+    # path (the ODE's smooth y + sigma z) instead of a new one at each level.
+    inpaints: ClassVar[bool] = False
+    fixed_known_noise: ClassVar[bool] = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -126,6 +131,7 @@ class AnnealedLangevin(SamplerSpec):
         denoise: bool = True
 
     annealed = True
+    inpaints = True
 
     def nfe(self, n_levels: int) -> int:
         return n_levels * self.cfg.n_steps_each + int(self.cfg.denoise)
@@ -178,6 +184,7 @@ class PredictorCorrector(SamplerSpec):
         denoise: bool = True             # return the last predictor step's mean
 
     annealed = True
+    inpaints = True
 
     def sigma_grid(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
         return _grid(self, sigmas, network,
@@ -206,6 +213,8 @@ class ProbabilityFlow(SamplerSpec):
         denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma_min)
 
     annealed = True
+    inpaints = True
+    fixed_known_noise = True
 
     def table_only_problems(self, network: Network) -> list[str]:
         return [f"sampler=ode evaluates the network at whatever sigma the solver picks, but "
@@ -235,6 +244,7 @@ class Heun(SamplerSpec):
         S_noise: float = 1.0
 
     annealed = True
+    inpaints = True
 
     def table_only_problems(self, network: Network) -> list[str]:
         if self.cfg.S_churn > 0:
@@ -277,6 +287,7 @@ class Solver(SamplerSpec):
 
     Config: ClassVar[type] = SolverConfig
     annealed = True
+    inpaints = True
 
     def schedule_problems(self) -> list[str]:
         if self.cfg.schedule in SCHEDULES:

@@ -247,7 +247,8 @@ def digits_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sampler, nfe", [(["sampler=heun", "sampler.num_steps=3"], "5"),
-                                          (["sampler=pc", "sampler.num_steps=3"], "6")])
+                                          (["sampler=pc", "sampler.num_steps=3"], "6"),
+                                          (["sampler=dpmpp_2m", "sampler.num_steps=3"], "3")])
 def test_cli_prints_nfe_and_inpaints(digits_ckpt, tmp_path, sampler, nfe):
     result = run_cli("ncsn-sample", f"ckpt={digits_ckpt}", f"out={tmp_path}", "n_samples=6",
                      "batch_size=4", *sampler)
