@@ -76,6 +76,9 @@ class ConditionalMLPConfig(MLPConfig):
     embedding: str = "log_sigma"     # multiplicative | log_sigma
     embedding_dim: int = 32
     scale_by_sigma: bool = False
+    precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
+                                     # the network (ncsn/nets/precond.py)
+    sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
 
 
 @dataclass
