@@ -47,7 +47,7 @@ def test_edm_coefficients_are_table_1s(sigma):
 
 @pytest.mark.parametrize("sigma", SIGMAS)
 def test_edm_coefficients_follow_from_unit_variances(sigma):
-    """EDM's Appendix B.6 derivation, for data of standard deviation sigma_data: the input
+    """EDM's derivation (Sec. 5), for data of standard deviation sigma_data: the input
     c_in (y + n) has unit variance; c_skip minimises the variance of the effective target
     (y - c_skip (y + n)) / c_out, which c_out scales to one; the weight is 1 / c_out^2."""
     p, s, sd = EDMPrecond(nn.Identity(), SIGMA_DATA), as_tensor(sigma), SIGMA_DATA
@@ -88,7 +88,8 @@ def test_the_wrapper_is_eq_7_and_returns_the_score_of_its_denoiser(wrapper):
     # the inner network sees c_in x and exp(c_noise): log of what it is given is c_noise
     torch.testing.assert_close(net.net.seen[0], c["c_in"] * x)
     torch.testing.assert_close(net.net.seen[1].log(), net.c_noise(sigma))
-    expected = c["c_skip"] * x + c["c_out"] * (0.3 * c["c_in"] * x + net.c_noise(sigma).exp()[:, None])
+    F = 0.3 * c["c_in"] * x + net.c_noise(sigma).exp()[:, None]
+    expected = c["c_skip"] * x + c["c_out"] * F
     torch.testing.assert_close(D, expected)
     torch.testing.assert_close(net(x, sigma), (D - x) / sigma[:, None] ** 2)
     # the samplers' denoiser x + sigma^2 s(x, sigma) gives D back
@@ -102,7 +103,7 @@ def test_checkpoint_keys_keep_the_inner_network_under_net():
     wrapped = registry.build_model(compose_train([*TINY, "model.precond=edm"]).model, (2,), TABLE)
     assert isinstance(wrapped, EDMPrecond) and isinstance(wrapped.net, ConditionalMLP)
     assert list(wrapped.state_dict()) == [f"net.{k}" for k in plain.state_dict()]
-    wrapped.net.load_state_dict(plain.state_dict())                 # the inner keys load as they are
+    wrapped.net.load_state_dict(plain.state_dict())                # the inner keys load as they are
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -215,14 +216,14 @@ def test_a_table_network_has_no_precond_key():
 
 def test_loss_edm_without_preconditioning_uses_the_score_as_it_is():
     """model.precond=none: D = x + sigma^2 s(x, sigma) from the network's score."""
-    x = torch.randn(64, 2)
-    for precond in ("none", "edm"):
-        torch.manual_seed(9)
-        per_sample, _ = edm_objective(precond=precond)(gaussian_score(SIGMA_DATA), x)
-        torch.manual_seed(9)
-        sigma = losses.edm_sigmas(64, like=x)
-        D = losses.tweedie_denoiser(gaussian_score(SIGMA_DATA))(x + sigma[:, None] * torch.randn(64, 2), sigma)
-        torch.testing.assert_close(per_sample, losses.edm_weight(sigma) * (D - x).pow(2).sum(1))
+    x, score = torch.randn(64, 2), gaussian_score(SIGMA_DATA)
+    torch.manual_seed(9)
+    per_sample, _ = edm_objective(precond="none")(score, x)
+    torch.manual_seed(9)
+    sigma = losses.edm_sigmas(64, like=x)
+    x_noisy = x + sigma[:, None] * torch.randn(64, 2)
+    D = x_noisy + sigma[:, None] ** 2 * score(x_noisy, sigma)
+    torch.testing.assert_close(per_sample, losses.edm_weight(sigma) * (D - x).pow(2).sum(1))
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -256,8 +257,8 @@ def test_a_run_with_edms_schedule_averages_and_ramps_as_the_formulas(tmp_path):
     batches = infinite_batches(run.data.train, batch, run.data_generator)
     shadow = scalar(run.ema.module)
     for step in range(k):
-        stats_ = training.train_step(run, next(batches))
-        assert stats_.lr == pytest.approx(1e-3 * min(step * batch / 1000, 1))
+        step_stats = training.train_step(run, next(batches))
+        assert step_stats.lr == pytest.approx(1e-3 * min(step * batch / 1000, 1))
         beta = ema_beta(step, batch, halflife_kimg, ratio)
         shadow = beta * shadow + (1 - beta) * scalar(run.net)
     assert scalar(run.ema.module) == pytest.approx(shadow, rel=1e-5, abs=1e-7)
