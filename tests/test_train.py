@@ -302,3 +302,30 @@ def test_a_finished_run_started_again_says_it_is_complete(tmp_path, caplog):
     assert "the run is complete" in caplog.text and "step 40 of trainer.n_steps=40" in caplog.text
     assert "step 40: checkpoint" not in caplog.text and "test loss" not in caplog.text
     assert {p.name: p.stat().st_mtime_ns for p in ckpts.iterdir()} == before
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_despite_the_loader_workers(tmp_path):
+    # timeout(1), a terminal's Ctrl-C and schedulers signal the whole group: the DataLoader
+    # workers must leave the signal to the trainer, which checkpoints and exits 128 + 15.
+    import os
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    run_dir = tmp_path / "run"
+    args = ["dataset=digits", "model=unet_small", "model.ch=8", "noise.num_scales=4",
+            "trainer.batch_size=32", "trainer.n_steps=100000", "trainer.log_every=5",
+            "trainer.n_plot_samples=0", "trainer.device=cpu", "trainer.data_on_device=false",
+            "dataset.num_workers=2", f"hydra.run.dir={run_dir}"]
+    with (tmp_path / "err.txt").open("w") as err:
+        job = subprocess.Popen([str(BIN / "ncsn-train"), *args], stdout=subprocess.DEVNULL,
+                               stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+        log, deadline = run_dir / "train.log", time.time() + 120
+        while not (log.is_file() and "step 10/" in log.read_text()):
+            assert job.poll() is None and time.time() < deadline, (tmp_path / "err.txt").read_text()
+            time.sleep(0.1)
+        os.killpg(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "err.txt").read_text()
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] >= 10

@@ -46,6 +46,8 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
 
     def fail(message: str, code: int):
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+        if code == 2:
+            _remove_empty_output_folder()
         if "SUBMITIT_FOLDER" in os.environ:               # set in every submitit job
             raise JobFailed(f"{prog}: error: {message}") from None
         sys.exit(code)
@@ -64,6 +66,33 @@ def run_cli(prog: str, job: Callable[[], object], expected: tuple = ()) -> objec
         sys.exit(128 + err.signum)
     except KeyboardInterrupt:
         fail("interrupted", 130)
+
+
+def _remove_empty_output_folder() -> None:
+    """A command that stopped on bad input (a missing dataset, an empty class folder, no
+    checkpoint to resume) before it wrote anything leaves no folder behind: Hydra's output
+    folder is removed when it holds nothing but Hydra's own files and logs (rank 0 only)."""
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from ncsn import distributed
+
+    if not HydraConfig.initialized() or not distributed.is_main():
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    if not folder.is_dir():
+        return
+    files = [p.relative_to(folder) for p in folder.rglob("*") if not p.is_dir()]
+    if all(f.parts[0] == ".hydra" or f.suffix == ".log" for f in files):
+        logging.shutdown()                    # the log file's handler lets go of it
+        shutil.rmtree(folder, ignore_errors=True)
+        cwd = Path.cwd().resolve()
+        for parent in folder.resolve().parents:       # outputs/DATE, outputs, when empty
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 def _run_then_leave(job: Callable[[], object], shutdown: Callable[[], None]) -> object:

@@ -37,10 +37,17 @@ def precheck(prog: str, config_name: str, check: Callable[[DictConfig], None]) -
         return
     overrides = [arg for arg in argv if arg not in SWEEP_FLAGS]
     try:
-        for point in sweep_points(overrides) if sweep else [overrides]:
-            cfg = compose_checked(config_name, point)
-            check_keys(cfg)
-            check(cfg)
+        points = sweep_points(overrides) if sweep else [overrides]
+        for k, point in enumerate(points):
+            try:
+                cfg = compose_checked(config_name, point)
+                check_keys(cfg)
+                check(cfg)
+            except (ConfigError, CheckpointError) as err:
+                if len(points) == 1:
+                    raise
+                raise ConfigError(f"sweep job {k + 1} of {len(points)} ({' '.join(point)}): "
+                                  f"{err}") from None
     except (ConfigError, CheckpointError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -234,8 +241,18 @@ def check_ckpt_given(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise ConfigError("say which checkpoint to sample from: "
                           "ckpt=RUN_DIR/checkpoints/last.pt")
+    check_sample_counts(cfg)
     if cfg.get("ckpt") is not None:
         existing_checkpoint(cfg.ckpt)
+
+
+def check_sample_counts(cfg: DictConfig) -> None:
+    """``n_samples`` and ``batch_size`` (ncsn-sample's may be null: its default) are counts
+    of samples: at least 1."""
+    problems = [f"{key} must be at least 1, got {cfg[key]}" for key in ("n_samples", "batch_size")
+                if key in cfg and cfg[key] is not None and cfg[key] < 1]
+    if problems:
+        raise ConfigError(join_problems(problems))
 
 
 def join_problems(problems: list[str]) -> str:

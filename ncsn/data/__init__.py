@@ -7,6 +7,7 @@ rescaling or the logit transform for images, back to [0, 1]).
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -84,6 +85,15 @@ def usable_workers(requested: int) -> int:
     return max(0, min(requested, cpus or 1))
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores the stop signals (Ctrl-C, SIGTERM, SLURM's SIGUSR1/2):
+    sent to the whole process group (a terminal's Ctrl-C, ``timeout``, a scheduler), they
+    would kill the workers before the trainer checkpoints, and the trainer would fail on
+    its lost workers instead. The trainer stops them itself when it exits."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generator,
                      num_workers: int = 0, start_batch: int = 0, seed: int | None = None,
                      rows: slice | None = None) -> Iterator[Tensor]:
@@ -94,7 +104,7 @@ def infinite_batches(dataset: Dataset, batch_size: int, generator: torch.Generat
     draws its indices with ``generator``, whose state is checkpointed, and keeps ``rows``.
     Any other dataset goes through a DataLoader that reads, decodes and transforms only
     ``rows`` of each global batch, in ``num_workers`` workers of this process (at most its
-CPUs: :func:`usable_workers`): the global
+    CPUs: :func:`usable_workers`; they leave the stop signals to the trainer): the global
     order and each image's random transforms are functions of ``seed`` (by default
     ``generator``'s initial seed), the step and the row (:mod:`ncsn.data.order`), so a run
     resumed at step ``start_batch`` continues mid-epoch exactly, under any world size.
@@ -112,7 +122,8 @@ CPUs: :func:`usable_workers`): the global
                         prefetch_factor=4 if num_workers > 0 else None,
                         # The workers' base seed from a generator of the loader's own: torch's
                         # global one is the objectives' (the same on every rank).
-                        generator=torch.Generator().manual_seed(seed))
+                        generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=_leave_stop_signals_to_the_trainer)
     yield from (first_tensor(batch) for batch in loader)
 
 
@@ -131,8 +142,12 @@ def training_batches(data: Data, batch_size: int, generator: torch.Generator,
     number of steps already taken (the resumed step).
     """
     if len(data.train) < batch_size:
-        raise ValueError(f"trainer.batch_size={batch_size} is larger than the training split "
-                         f"({len(data.train)} samples): full batches never come; lower it")
+        from ncsn.parts import ConfigError
+
+        raise ConfigError(f"trainer.batch_size={batch_size} is larger than the training split "
+                          f"({len(data.train)} samples): full batches never come; use "
+                          f"trainer.batch_size={_largest_power_of_two(len(data.train))} or "
+                          f"less, or more data")
     seed = generator.initial_seed() if seed is None else seed
     if on_device and data.raw_train is not None:
         from ncsn.data.device import device_batches
@@ -153,3 +168,7 @@ def build_toy_data(cfg) -> Data:
 
 __all__ = ["Data", "GaussianMixture", "make_toy", "infinite_batches", "build_toy_data",
            "first_tensor", "training_batches"]
+
+
+def _largest_power_of_two(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
