@@ -77,6 +77,9 @@ class ConditionalMLPConfig(MLPConfig):
     embedding: str = "log_sigma"     # multiplicative | log_sigma
     embedding_dim: int = 32
     scale_by_sigma: bool = False
+    precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
+                                     # the network (ncsn/nets/precond.py)
+    sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
 
 
 @dataclass
@@ -140,6 +143,8 @@ class OptimConfig:
     grad_clip: Optional[float] = None    # max gradient norm; null: no clipping
     warmup: int = 0                      # linear learning-rate warm-up steps
     schedule: str = "constant"           # constant | cosine (decay to 0 at trainer.n_steps)
+    lr_rampup_kimg: Optional[float] = None   # EDM's ramp-up: lr times min(images seen / (this
+                                         # * 1000), 1), on top of the above; null or 0: none
 
 
 @dataclass
@@ -160,6 +165,12 @@ class TrainerConfig:
     data_on_device: bool = True          # small image datasets held on the device as uint8
     ema: bool = True
     ema_rate: float = 0.999
+    ema_halflife_kimg: Optional[float] = None  # EDM's EMA: the half-life in thousands of images
+                                         # (per step mu = 0.5^(batch_size / half-life)) in
+                                         # place of ema_rate; null: ema_rate
+    ema_rampup_ratio: Optional[float] = 0.05   # with ema_halflife_kimg: the half-life is at most
+                                         # this times the images seen so far (EDM's ramp-up);
+                                         # null: none
     ckpt_every: int = 1000
     keep_last: int = 3                   # step checkpoints kept besides last.pt
     keep_best: bool = False              # also keep checkpoints/best.pt, the weights with the

@@ -227,3 +227,64 @@ def annealed(objective: Callable[..., Tensor], net: Callable[[Tensor, Tensor], T
     x_tilde = x + _broadcast(sigma, x) * _randn(tuple(x.shape), x)
     per_sample = objective(lambda y: net(y, sigma), x_tilde, reduction="none", **kwargs)
     return _reduce(per_sample * sigma ** anneal_power, reduction)
+
+
+# ----------------------------------------------------------------------------- EDM
+# NVlabs/edm's training losses (training/loss.py) for a denoiser D(x; sigma). Each draws
+# sigma per sample, then the noise, in that order and with the same calls as EDM's code
+# (torch.randn / torch.rand of the batch, then randn of the batch's shape), so that one
+# process seeded alike draws EDM's numbers; inside `batch_shard` each rank keeps its rows.
+def edm_sigmas(n: int, P_mean: float = -1.2, P_std: float = 1.2,
+               like: Tensor | None = None) -> Tensor:
+    """EDMLoss's noise levels: ln sigma ~ N(P_mean, P_std^2), not truncated (EDM, Sec. 5 and
+    Table 1, "Ours"): shape ``(n,)``. ``like``: device and dtype."""
+    like = like if like is not None else torch.empty(0)
+    return (_randn((n,), like) * P_std + P_mean).exp()
+
+
+def ve_sigmas(n: int, sigma_min: float = 0.02, sigma_max: float = 100.0,
+              like: Tensor | None = None) -> Tensor:
+    """VELoss's noise levels: sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1) (score SDE's VE
+    training, log sigma uniform): shape ``(n,)``."""
+    like = like if like is not None else torch.empty(0)
+    u = _global_draw(lambda s: torch.rand(s, device=like.device, dtype=like.dtype), (n,))
+    return sigma_min * (sigma_max / sigma_min) ** u
+
+
+def edm_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
+    """EDM's loss weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
+    (Table 1, "Ours"), which is 1 / c_out(sigma)^2 of its preconditioning."""
+    return (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+
+
+def ve_weight(sigma: Tensor) -> Tensor:
+    """VELoss's lambda(sigma) = 1 / sigma^2 (Table 1, "VE")."""
+    return 1 / sigma ** 2
+
+
+def tweedie_denoiser(net: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The denoiser of a score network, D(x; sigma) = x + sigma^2 s(x, sigma) (EDM, eq. 3).
+    For a preconditioned network (:mod:`ncsn.nets.precond`), whose score is
+    (D - x) / sigma^2, this is its D up to float32 round-off; it calls ``net(x, sigma)``
+    itself, so that DistributedDataParallel's forward (and its gradient averaging) runs."""
+    return lambda x, sigma: x + _broadcast(sigma, x) ** 2 * net(x, sigma)
+
+
+def denoiser_loss(denoise: Callable[[Tensor, Tensor], Tensor], y: Tensor, sigma: Tensor,
+                  weight: Tensor, noise: Tensor | None = None,
+                  reduction: str = "mean") -> Tensor:
+    """EDM's training loss (eq. 2 and 8): lambda(sigma) ||D(y + n; sigma) - y||^2 with
+    n = sigma eps, eps ~ N(0, I) (or ``noise``, eps given, of ``y``'s shape).
+
+    ``denoise(x, sigma)`` is D; ``sigma`` and ``weight`` have shape ``(B,)``. The per-sample
+    value sums over the data dimensions: EDM's code returns the same terms element by element
+    and its training loop backpropagates their sum over the batch divided by the batch size,
+    which is the mean over the batch of these per-sample values (``reduction="mean"``), so the
+    gradient is EDM's (with its loss_scaling = 1). EDM's logged ``Loss/loss`` is their mean
+    per element: this value divided by the dimension of ``y``.
+    """
+    eps = noise if noise is not None else _randn(tuple(y.shape), y)
+    n = eps * _broadcast(sigma, y)
+    D_yn = denoise(y + n, sigma)
+    per_sample = weight * (D_yn - y).flatten(1).pow(2).sum(dim=1)
+    return _reduce(per_sample, reduction)

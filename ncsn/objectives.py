@@ -271,3 +271,89 @@ class NegativeLogLikelihood(ObjectiveSpec):
             return nll_objective(ModelSpace(), None)
         image_cfg = image_config(self.dataset_cfg)
         return nll_objective(model_space(image_cfg), pixel_levels(image_cfg.name))
+
+
+class _EDMObjective(ObjectiveSpec):
+    """One of NVlabs/edm's training losses (training/loss.py): sigma drawn per sample as its
+    code draws it, then lambda(sigma) ||D(y + n; sigma) - y||^2 (EDM, eq. 2 and 8), with
+    D(x; sigma) = x + sigma^2 net(x, sigma), which for ``model.precond=edm|ve`` is the
+    preconditioned denoiser of EDM's code (:mod:`ncsn.nets.precond`). Each sample is labelled
+    with the nearest level of the noise table (in log sigma), as continuous noise is, so
+    that the per-level curves bin its sigma. See :func:`ncsn.losses.denoiser_loss` for how
+    the per-sample value relates to EDM's returned loss."""
+
+    draws: ClassVar[str] = ""            # how sigma is drawn, for messages
+
+    @property
+    def annealed(self) -> bool:
+        return False
+
+    def problems(self, noise_cfg=None) -> list[str]:
+        return [*self.batch_statistics_problems(), *self.network_problems(),
+                *self.noise_problems(noise_cfg)]
+
+    def network_problems(self) -> list[str]:
+        if not self.network.conditional or self.network.flow:
+            return [f"loss={self.name} trains a denoiser D(x; sigma) at every sigma and needs a "
+                    f"network that takes sigma; use model=unet, model=ncsnv2 or model=cond_mlp "
+                    f"(with model.precond=edm for EDM's preconditioning)"]
+        if not self.network.takes_sigma_values:
+            return [f"loss={self.name} draws sigma off the noise table, but "
+                    f"{self.network.table_only}; choose {self.network.alternative}"]
+        return []
+
+    def noise_problems(self, noise_cfg) -> list[str]:
+        if noise_cfg is not None and noise_cfg.get("continuous", False):
+            return [f"loss={self.name} draws each sample's sigma itself ({self.draws}); "
+                    f"noise.continuous is for loss=anneal_dsm; set noise.continuous=false"]
+        return []
+
+    def sigmas_and_weights(self, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``n`` noise levels drawn as EDM's code draws them, and their weights: ``(n,)`` each."""
+        raise NotImplementedError
+
+    def loss(self, sigmas: Tensor) -> Objective:
+        def edm_objective(net, x):
+            sigma, weight = self.sigmas_and_weights(x.shape[0], x)
+            per_sample = losses.denoiser_loss(losses.tweedie_denoiser(net), x, sigma, weight,
+                                              reduction="none")
+            return per_sample, sigma_index(sigma, sigmas.to(x.device))
+        return edm_objective
+
+
+@register_objective()
+class EDMLoss(_EDMObjective):
+    """EDM's loss (Karras et al. 2022, Sec. 5 and Table 1, "Ours"; training/loss.py EDMLoss):
+    ln sigma ~ N(P_mean, P_std^2), lambda(sigma) = (sigma^2 + sigma_data^2) /
+    (sigma sigma_data)^2."""
+
+    @dataclass
+    class Config:
+        name: str = "edm"
+        P_mean: float = -1.2             # ln sigma ~ N(P_mean, P_std^2), not truncated
+        P_std: float = 1.2
+        sigma_data: float = 0.5          # the data's standard deviation (model.sigma_data's twin)
+
+    draws = "ln sigma ~ N(loss.P_mean, loss.P_std^2)"
+
+    def sigmas_and_weights(self, n, like):
+        sigma = losses.edm_sigmas(n, self.cfg.P_mean, self.cfg.P_std, like)
+        return sigma, losses.edm_weight(sigma, self.cfg.sigma_data)
+
+
+@register_objective()
+class VELoss(_EDMObjective):
+    """The VE loss of EDM's code (training/loss.py VELoss; score SDE's VE training): sigma
+    log-uniform on [sigma_min, sigma_max], lambda(sigma) = 1 / sigma^2 (Table 1, "VE")."""
+
+    @dataclass
+    class Config:
+        name: str = "ve_edm"
+        sigma_min: float = 0.02          # sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1)
+        sigma_max: float = 100.0
+
+    draws = "log-uniform on [loss.sigma_min, loss.sigma_max]"
+
+    def sigmas_and_weights(self, n, like):
+        sigma = losses.ve_sigmas(n, self.cfg.sigma_min, self.cfg.sigma_max, like)
+        return sigma, losses.ve_weight(sigma)

@@ -29,6 +29,7 @@ from ncsn.generate import CheckpointSampler, load_sampler
 from ncsn.image_io import SAVE_AS, load_images, save_gif, save_picture, save_strip, write_stream
 from ncsn.image_sampling import (TrajectoryRecorder, inpaint, interpolate, make_mask,
                                  masked_picture)
+from ncsn.samplers import SAMPLERS
 from ncsn.sampling import KnownValues
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,11 @@ def drain(batches) -> None:
         pass
 
 
-INPAINTING_SAMPLERS = ("annealed_langevin", "pc", "ode", "heun")
-
-
 def _sampler_keys(sampler: CheckpointSampler, mode: str):
     """The sampler settings that inpainting (any annealed sampler) and interpolation
     (annealed Langevin) reuse."""
-    allowed = INPAINTING_SAMPLERS if mode == "inpaint" else ("annealed_langevin",)
+    allowed = (tuple(name for name, spec in SAMPLERS.items() if spec.inpaints)
+               if mode == "inpaint" else ("annealed_langevin",))
     if sampler.sampler_cfg.name not in allowed:
         raise registry.ConfigError(f"mode={mode} runs one of {', '.join(allowed)}; "
                                    f"not sampler={sampler.sampler_cfg.name}")
@@ -121,8 +120,9 @@ def _complete(sampler: CheckpointSampler, images: torch.Tensor, mask: torch.Tens
                            to_data=sampler.to_data, renoise=options.renoise, progress=True)
         except ValueError as err:
             raise registry.ConfigError(f"inpaint: {err}") from None
-    # the ODE's known pixels follow one smooth path y + sigma z; pc and heun redraw z
-    known = KnownValues(sampler.to_model(images), mask, fixed_noise=s.name == "ode")
+    # the ODE's known pixels follow one smooth path y + sigma z; the others redraw z
+    known = KnownValues(sampler.to_model(images), mask,
+                        fixed_noise=SAMPLERS[s.name].fixed_known_noise)
     x = sampler.run(x_init, known=known, progress=True)
     return torch.where(mask.to(images.device), images, sampler.to_data(x))
 

@@ -19,6 +19,7 @@ from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.nets.ncsn import NCSN
 from ncsn.nets.ncsnpp import NCSNpp
 from ncsn.nets.ncsnv2 import NCSNv2
+from ncsn.nets.precond import network_config, precond_problems, precondition
 from ncsn.nets.unet import UNet
 from ncsn.noise import geometric_sigmas, largest_pairwise_distance, num_scales_for
 from ncsn.objectives import OBJECTIVES, Objective
@@ -123,10 +124,14 @@ CONDITIONAL_MODELS = {"cond_mlp", "ncsn", "ncsnv2", "unet", "ncsnpp"}
 
 
 def build_model(cfg, shape, sigmas: Tensor) -> nn.Module:
-    """A score network ``net(x, sigma)`` for samples of ``shape`` and the given sigma table."""
+    """A score network ``net(x, sigma)`` for samples of ``shape`` and the given sigma table,
+    wrapped in EDM's preconditioning when ``cfg.precond`` asks (:mod:`ncsn.nets.precond`)."""
     if cfg.name not in MODELS:
         raise ConfigError(f"unknown model {cfg.name!r}; choose one of {sorted(MODELS)}")
-    return MODELS[cfg.name](cfg, tuple(shape), sigmas)
+    problems = precond_problems(cfg, network(cfg))
+    if problems:
+        raise ConfigError(problems[0])
+    return precondition(MODELS[cfg.name](network_config(cfg), tuple(shape), sigmas), cfg)
 
 
 def is_conditional(model_cfg) -> bool:
@@ -226,7 +231,8 @@ def part_problems(cfg) -> list[str]:
     message each, checked without building anything: a user fixes them all in one try
     instead of meeting them one run at a time."""
     problems = []
-    for check in (lambda: sampler_spec(cfg.sampler).problems(network(cfg.model)),
+    for check in (lambda: precond_problems(cfg.model, network(cfg.model)),
+                  lambda: sampler_spec(cfg.sampler).problems(network(cfg.model)),
                   lambda: objective_spec(cfg.loss, cfg.model, cfg.dataset).problems(cfg.noise),
                   lambda: (_held_out_spec(cfg.loss, cfg.model, cfg.dataset).problems()
                            if is_flow(cfg.model) and cfg.loss.name != "nll" else [])):

@@ -7,10 +7,10 @@ YAML file in ``configs/sampler/``); ``ncsn.registry`` finds it by ``cfg.name``, 
 ``sampler=NAME`` composes. ::
 
     @register_sampler
-    class Euler(SamplerSpec):
+    class Midpoint(SamplerSpec):
         @dataclass
         class Config(SamplerInitConfig):
-            name: str = "euler"
+            name: str = "midpoint"
             num_steps: int = 50
         annealed = True
         def nfe(self, n_levels): ...
@@ -27,8 +27,9 @@ from torch import Tensor
 from ncsn.flows import exact_samples
 from ncsn.noise import geometric_sigmas
 from ncsn.parts import ConfigError, Network, register_part
-from ncsn.sampling import (annealed_langevin, edm_sigmas, heun, langevin, predictor_corrector,
-                           probability_flow, table_subset)
+from ncsn.sampling import (annealed_langevin, dpmpp_2m, edm_sigmas, euler, euler_ancestral,
+                           heun, ipndm, langevin, predictor_corrector, probability_flow,
+                           table_subset)
 
 # ``sampler(net, x_init, return_trajectory=False, progress=False, known=None)``
 Sampler = Callable[..., Tensor]
@@ -57,6 +58,11 @@ class SamplerSpec:
     Config: ClassVar[type] = SamplerInitConfig
     annealed: ClassVar[bool] = False
     for_flows: ClassVar[bool] = False
+    # Inpainting (ncsn-sample mode=inpaint): the sampler takes ``known=KnownValues`` and sets
+    # the known pixels at each level; ``fixed_known_noise``: one noise draw for their whole
+    # path (the ODE's smooth y + sigma z) instead of a new one at each level.
+    inpaints: ClassVar[bool] = False
+    fixed_known_noise: ClassVar[bool] = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -125,6 +131,7 @@ class AnnealedLangevin(SamplerSpec):
         denoise: bool = True
 
     annealed = True
+    inpaints = True
 
     def nfe(self, n_levels: int) -> int:
         return n_levels * self.cfg.n_steps_each + int(self.cfg.denoise)
@@ -177,6 +184,7 @@ class PredictorCorrector(SamplerSpec):
         denoise: bool = True             # return the last predictor step's mean
 
     annealed = True
+    inpaints = True
 
     def sigma_grid(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
         return _grid(self, sigmas, network,
@@ -205,6 +213,8 @@ class ProbabilityFlow(SamplerSpec):
         denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma_min)
 
     annealed = True
+    inpaints = True
+    fixed_known_noise = True
 
     def table_only_problems(self, network: Network) -> list[str]:
         return [f"sampler=ode evaluates the network at whatever sigma the solver picks, but "
@@ -234,6 +244,7 @@ class Heun(SamplerSpec):
         S_noise: float = 1.0
 
     annealed = True
+    inpaints = True
 
     def table_only_problems(self, network: Network) -> list[str]:
         if self.cfg.S_churn > 0:
@@ -252,6 +263,124 @@ class Heun(SamplerSpec):
         c, grid = self.cfg, self.sigma_grid(sigmas, network)
         return lambda net, x, **kw: heun(net, x, grid.to(x.device), c.S_churn, c.S_tmin,
                                          c.S_tmax, c.S_noise, **kw)
+
+
+# ----------------------------------------------------------------------------- few-step solvers
+SCHEDULES = ("karras", "log_uniform")
+
+
+@dataclass
+class SolverConfig(SamplerInitConfig):
+    """What the few-step solvers share: ``num_steps`` levels between the table's ends, then
+    sigma = 0, one network evaluation at each level."""
+    num_steps: int = 10              # N levels, N network evaluations (NFE)
+    schedule: str = "karras"         # karras: EDM's rho schedule | log_uniform: geometric
+    rho: float = 7.0                 # karras: EDM's (and k-diffusion's) rho
+
+
+class Solver(SamplerSpec):
+    """A few-step solver on the denoiser D(x; sigma) = x + sigma^2 s(x, sigma) over
+    ``num_steps`` levels between the table's ends, EDM's rho schedule (k-diffusion's
+    ``get_sigmas_karras``) or log-uniform (its ``get_sigmas_exponential``), then sigma = 0:
+    NFE num_steps, the count k-diffusion makes on ``num_steps`` sigmas plus the appended
+    zero. Subclasses give ``Config`` and ``solve(net, x, grid, **kw)``."""
+
+    Config: ClassVar[type] = SolverConfig
+    annealed = True
+    inpaints = True
+
+    def schedule_problems(self) -> list[str]:
+        if self.cfg.schedule in SCHEDULES:
+            return []
+        return [f"sampler.schedule must be one of {', '.join(SCHEDULES)}, got "
+                f"{self.cfg.schedule!r}"]
+
+    def problems(self, network: Network) -> list[str]:
+        return self.schedule_problems() or super().problems(network)
+
+    def table_only_problems(self, network: Network) -> list[str]:
+        return [f"sampler={self.name} evaluates the network between its table's levels, but "
+                f"{network.table_only}; use sampler=heun or sampler=pc (they step on the "
+                f"table's levels), or {network.alternative}"]
+
+    def sigma_grid(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
+        if self.cfg.schedule == "log_uniform":
+            return _grid(self, sigmas, network,
+                         lambda hi, lo, n: geometric_sigmas(hi, lo, n, sigmas.dtype))
+        if self.cfg.schedule == "karras":
+            return _grid(self, sigmas, network,
+                         lambda hi, lo, n: edm_sigmas(hi, lo, n, self.cfg.rho, sigmas.dtype))
+        raise ConfigError(self.schedule_problems()[0])
+
+    def nfe(self, n_levels: int) -> int:
+        return self.cfg.num_steps
+
+    def build(self, sigmas: Tensor, network: Network | None = None) -> Sampler:
+        grid = self.sigma_grid(sigmas, network)
+        return lambda net, x, **kw: self.solve(net, x, grid.to(x.device), **kw)
+
+    def solve(self, net, x: Tensor, grid: Tensor, **kw):
+        raise NotImplementedError
+
+
+@register_sampler
+class Euler(Solver):
+    """Euler steps on the probability-flow ODE (k-diffusion's ``sample_euler``), NFE N."""
+
+    @dataclass
+    class Config(SolverConfig):
+        name: str = "euler"
+        num_steps: int = 50          # k-diffusion's sample.py --steps
+
+    def solve(self, net, x, grid, **kw):
+        return euler(net, x, grid, **kw)
+
+
+@register_sampler
+class EulerAncestral(Solver):
+    """Ancestral sampling with Euler steps (k-diffusion's ``sample_euler_ancestral``), NFE N."""
+
+    @dataclass
+    class Config(SolverConfig):
+        name: str = "euler_ancestral"
+        num_steps: int = 50          # k-diffusion's sample.py --steps
+        eta: float = 1.0             # the share of the posterior's noise; 0: Euler
+        s_noise: float = 1.0         # the noise's scale
+
+    def solve(self, net, x, grid, **kw):
+        return euler_ancestral(net, x, grid, self.cfg.eta, self.cfg.s_noise, **kw)
+
+
+@register_sampler
+class DPMpp2M(Solver):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2; k-diffusion's ``sample_dpmpp_2m``),
+    NFE N."""
+
+    @dataclass
+    class Config(SolverConfig):
+        name: str = "dpmpp_2m"
+
+    def solve(self, net, x, grid, **kw):
+        return dpmpp_2m(net, x, grid, **kw)
+
+
+@register_sampler
+class IPNDM(Solver):
+    """iPNDM (Zhang & Chen 2023; diff-sampler's ``ipndm_sampler`` with ``denoise_to_zero``),
+    NFE N."""
+
+    @dataclass
+    class Config(SolverConfig):
+        name: str = "ipndm"
+        max_order: int = 4           # the Adams-Bashforth order, 1 to 4
+
+    def problems(self, network: Network) -> list[str]:
+        if 1 <= self.cfg.max_order <= 4:
+            return super().problems(network)
+        return [f"sampler.max_order must be 1 to 4, got {self.cfg.max_order}"]
+
+    def solve(self, net, x, grid, **kw):
+        return ipndm(net, x, grid, self.cfg.max_order, **kw)
 
 
 @register_sampler

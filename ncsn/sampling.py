@@ -1,6 +1,7 @@
 """Samplers: Langevin dynamics in the convention of the authors' code, and the faster
 samplers of the later work on the same networks (score SDE's predictor-corrector and
-probability-flow ODE, EDM's Heun steps).
+probability-flow ODE, EDM's Heun steps, and the few-step solvers of k-diffusion and
+diff-sampler: Euler, Euler ancestral, DPM-Solver++(2M), iPNDM).
 
 Both repositories (ermongroup/ncsn, ermongroup/ncsnv2) step as
 
@@ -469,6 +470,157 @@ def heun(net: ScoreNet, x: Tensor, sigmas: Tensor, S_churn: float = 0.0, S_tmin:
     bar.close()
     x = _apply(known, x, sigmas.new_zeros(()))
     return (x, torch.stack(trajectory)) if return_trajectory else x
+
+
+# ----------------------------------------------------------------------------- few-step solvers
+# The samplers of crowsonkb/k-diffusion (k_diffusion/sampling.py: sample_euler,
+# sample_euler_ancestral, sample_dpmpp_2m) and iPNDM as zju-pi/diff-sampler codes it
+# (diff-solvers-main/solvers.py, ipndm_sampler), on EDM's denoiser of a score network. Each
+# takes the grid ``sigmas`` ``(N,)``, largest first, appends sigma_N = 0 (k-diffusion's
+# ``append_zero``) and evaluates the network once at each sigma_i, for the step to
+# sigma_(i+1): NFE N. The arithmetic is the reference code's, operation for operation, so on
+# the same grid and noise the chains are equal to the bit (scripts/check_solvers.py).
+Step = Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def denoised(net: ScoreNet, x: Tensor, sigma: Tensor) -> Tensor:
+    """EDM's denoiser of a score network, D(x; sigma) = x + sigma^2 s(x, sigma) (EDM, eq. 3:
+    the score is (D(x; sigma) - x) / sigma^2; Tweedie's formula). ``x``: ``(B, ...)``;
+    ``sigma``: a 0-d tensor."""
+    return x + sigma ** 2 * net(x, _batch(sigma, x))
+
+
+def _solve(net: ScoreNet, x: Tensor, sigmas: Tensor, step: Step, desc: str,
+           return_trajectory: bool, progress: bool, known: Known | None):
+    """The loop the solvers share: at each sigma_i of ``sigmas`` (then sigma_N = 0), one
+    evaluation D_i = D(x; sigma_i) and ``x = step(i, x, D_i, sigma_i, sigma_(i+1))``.
+    ``known(x, sigma)``, if given, is applied before every evaluation and to the result (at
+    sigma = 0), as in :func:`heun`. Snapshots: the start and the end of every step."""
+    sigmas = sigmas.to(x.device, x.dtype)
+    next_sigmas = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+    trajectory = [x.cpu()]
+    bar = tqdm(total=len(sigmas), desc=desc, unit="NFE", disable=quiet(progress), leave=False)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas, next_sigmas)):
+        x = _apply(known, x, sigma)
+        x = step(i, x, denoised(net, x, sigma), sigma, sigma_next)
+        bar.update(1)
+        if return_trajectory:
+            trajectory.append(x.cpu())
+    bar.close()
+    x = _apply(known, x, sigmas.new_zeros(()))
+    return (x, torch.stack(trajectory)) if return_trajectory else x
+
+
+def ode_slope(x: Tensor, D: Tensor, sigma: Tensor) -> Tensor:
+    """dx/dsigma = (x - D(x; sigma)) / sigma, the probability-flow ODE (EDM, eq. 4 with
+    s(t) = 1, sigma(t) = t; k-diffusion's ``to_d``)."""
+    return (x - D) / sigma
+
+
+@torch.no_grad()
+def euler(net: ScoreNet, x: Tensor, sigmas: Tensor, return_trajectory: bool = False,
+          progress: bool = False, known: Known | None = None):
+    """Euler steps along the probability-flow ODE, x <- x + (sigma_(i+1) - sigma_i)
+    (x - D(x; sigma_i)) / sigma_i (k-diffusion's ``sample_euler`` with s_churn = 0; EDM,
+    Algorithm 1 without its second-order correction). The last step, to sigma = 0, lands on
+    D(x; sigma_(N-1)). ``x``: ``(B, ...)`` ~ N(0, sigma_0^2 I); ``sigmas``: ``(N,)``, largest
+    first. NFE: N."""
+    def step(i, x, D, sigma, sigma_next):
+        return x + ode_slope(x, D, sigma) * (sigma_next - sigma)
+    return _solve(net, x, sigmas, step, "euler", return_trajectory, progress, known)
+
+
+def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+    """k-diffusion's ``get_ancestral_step``: the level sigma_down the deterministic step goes
+    to and the noise sigma_up added there, sigma_down^2 + sigma_up^2 = sigma_next^2, with
+    sigma_up = min(sigma_next, eta sigma_next sqrt(sigma^2 - sigma_next^2) / sigma). At
+    eta = 1 an Euler step to sigma_down plus sigma_up z is the Gaussian posterior
+    q(x_(sigma_next) | x_sigma, x_0 = D): mean D + (sigma_next / sigma)^2 (x - D), variance
+    sigma_up^2 (score SDE's ancestral sampling for SMLD, Song et al. 2021, Appendix F);
+    eta = 0 is the Euler step."""
+    if not eta:
+        return sigma_next, sigma_next.new_zeros(())
+    sigma_up = torch.minimum(
+        sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+@torch.no_grad()
+def euler_ancestral(net: ScoreNet, x: Tensor, sigmas: Tensor, eta: float = 1.0,
+                    s_noise: float = 1.0, return_trajectory: bool = False,
+                    progress: bool = False, known: Known | None = None):
+    """Ancestral sampling with Euler steps (k-diffusion's ``sample_euler_ancestral``): an
+    Euler step from sigma_i to sigma_down, then s_noise sigma_up z, z ~ N(0, I)
+    (:func:`ancestral_step`), except on the last step, to sigma = 0, where sigma_down = 0
+    and no noise is drawn. The noise is :func:`randn_like`'s, one draw per step but the
+    last, in k-diffusion's order. ``sigmas``: ``(N,)``, largest first. NFE: N."""
+    def step(i, x, D, sigma, sigma_next):
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + ode_slope(x, D, sigma) * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + randn_like(x) * s_noise * sigma_up
+        return x
+    return _solve(net, x, sigmas, step, "euler ancestral", return_trajectory, progress, known)
+
+
+@torch.no_grad()
+def dpmpp_2m(net: ScoreNet, x: Tensor, sigmas: Tensor, return_trajectory: bool = False,
+             progress: bool = False, known: Known | None = None):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as k-diffusion's ``sample_dpmpp_2m``
+    runs it. In lambda = -log sigma (the VE SDE: alpha = 1), h_i = lambda_(i+1) - lambda_i,
+
+        x <- (sigma_(i+1) / sigma_i) x - (e^(-h_i) - 1) D',
+
+    with D' = D_i at the first step (first order) and otherwise the multistep
+    D' = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_(i-1), r_i = h_(i-1) / h_i. The paper's
+    Algorithm 2 takes every step after the first with D'; the code takes the last one, to
+    sigma = 0 (h = inf), at first order, which lands on D_(N-1).
+    ``sigmas``: ``(N,)``, largest first. NFE: N."""
+    previous: list[Tensor] = []                      # [lambda_(i-1), D_(i-1)]
+
+    def step(i, x, D, sigma, sigma_next):
+        t, t_next = -sigma.log(), -sigma_next.log()  # lambda_i, lambda_(i+1)
+        h = t_next - t
+        if not previous or sigma_next == 0:
+            D_prime = D
+        else:
+            r = (t - previous[0]) / h
+            D_prime = (1 + 1 / (2 * r)) * D - (1 / (2 * r)) * previous[1]
+        previous[:] = [t, D]
+        return ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * D_prime
+    return _solve(net, x, sigmas, step, "dpm-solver++(2m)", return_trajectory, progress, known)
+
+
+@torch.no_grad()
+def ipndm(net: ScoreNet, x: Tensor, sigmas: Tensor, max_order: int = 4,
+          return_trajectory: bool = False, progress: bool = False, known: Known | None = None):
+    """iPNDM (Zhang & Chen 2023, DEIS: the pseudo numerical method of Liu et al. 2022 with a
+    lower-order multistep start instead of Runge-Kutta steps) as diff-sampler's
+    ``ipndm_sampler`` runs it with ``denoise_to_zero``: Adams-Bashforth steps on the slope
+    d_i = (x - D_i) / sigma_i, of order min(max_order, i + 1) with the fixed-step
+    coefficients (3, -1)/2, (23, -16, 5)/12, (55, -59, 37, -9)/24 on every grid, and at the
+    end x <- D(x; sigma_(N-1)) (the step to sigma = 0). ``sigmas``: ``(N,)`` the
+    timestamps, largest first (diff-sampler's ``num_steps`` = N). NFE: N."""
+    if not 1 <= max_order <= 4:
+        raise ValueError(f"iPNDM's max_order must be 1 to 4, got {max_order}")
+    slopes: list[Tensor] = []                        # d_(i-1), d_(i-2), ... newest first
+
+    def step(i, x, D, sigma, sigma_next):
+        if sigma_next == 0:
+            return D
+        d, h = ode_slope(x, D, sigma), sigma_next - sigma
+        order = min(max_order, i + 1)
+        if order == 1:
+            x = x + h * d
+        elif order == 2:
+            x = x + h * (3 * d - slopes[0]) / 2
+        elif order == 3:
+            x = x + h * (23 * d - 16 * slopes[0] + 5 * slopes[1]) / 12
+        else:
+            x = x + h * (55 * d - 59 * slopes[0] + 37 * slopes[1] - 9 * slopes[2]) / 24
+        slopes[:] = [d, *slopes][:max_order - 1]
+        return x
+    return _solve(net, x, sigmas, step, "ipndm", return_trajectory, progress, known)
 
 
 # ----------------------------------------------------------------------------- inpainting

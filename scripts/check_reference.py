@@ -340,7 +340,8 @@ def ncsnpp_fields(model: dict, centered: bool) -> dict:
     """NCSNpp's arguments for a score_sde model section."""
     from ncsn.nets.ncsnpp import NCSNppConfig
 
-    names = [f for f in NCSNppConfig.__dataclass_fields__ if f not in ("name", "centered")]
+    names = [f for f in NCSNppConfig.__dataclass_fields__
+             if f not in ("name", "centered", "precond", "sigma_data")]
     return {**{f: list(model[f]) if isinstance(model[f], tuple) else model[f] for f in names},
             "centered": centered}
 

@@ -78,7 +78,7 @@ def test_cifar10_with_annealed_dsm_alone_is_the_ncsnv2_setup():
     assert default == compose_train(["experiment=ncsnv2_cifar10"])
     c = OmegaConf.to_container(default)
     assert c["model"] == {"name": "ncsnv2", "ngf": 128, "depth": "standard", "activation": "elu",
-                          "rescale_input": True}
+                          "rescale_input": True, "precond": "none", "sigma_data": 0.5}
     noise = c["noise"]
     assert (noise["sigma_begin"], noise["sigma_end"], noise["num_scales"]) == (50, 0.01, 232)
     s = c["sampler"]

@@ -49,7 +49,12 @@ SAMPLERS = {
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_samplers_recover_the_mixtures_weights_means_and_covariances(name):
     torch.manual_seed(0)
-    x = SAMPLERS[name](mixture_score, start()).double()
+    assert_recovers_the_mixture(SAMPLERS[name](mixture_score, start()))
+
+
+def assert_recovers_the_mixture(x):
+    """``x`` ``(N, 2)``: samples of MIXTURE, within a few standard errors."""
+    x = x.double()
     upper = x.sum(1) > 0                                  # the component at (5, 5)
     weight = upper.double().mean()
     # four standard errors of a Bernoulli mean, of a component's mean and of its variance
@@ -242,7 +247,8 @@ def digits_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sampler, nfe", [(["sampler=heun", "sampler.num_steps=3"], "5"),
-                                          (["sampler=pc", "sampler.num_steps=3"], "6")])
+                                          (["sampler=pc", "sampler.num_steps=3"], "6"),
+                                          (["sampler=dpmpp_2m", "sampler.num_steps=3"], "3")])
 def test_cli_prints_nfe_and_inpaints(digits_ckpt, tmp_path, sampler, nfe):
     result = run_cli("ncsn-sample", f"ckpt={digits_ckpt}", f"out={tmp_path}", "n_samples=6",
                      "batch_size=4", *sampler)

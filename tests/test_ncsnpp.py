@@ -227,7 +227,7 @@ def test_yaml_schema_and_constructor_agree():
     assert yaml == defaults
     signature = inspect.signature(NCSNpp).parameters
     for key, value in defaults.items():
-        if key != "name":
+        if key not in ("name", "precond", "sigma_data"):     # the wrapper's (ncsn.nets.precond)
             default = signature[key].default
             assert (list(default) if isinstance(default, tuple) else default) == value, key
     deep = OmegaConf.to_container(OmegaConf.load(CONFIGS / "ncsnpp_deep.yaml"))
@@ -255,3 +255,12 @@ def test_a_tiny_ncsnpp_trains_on_the_digits(tmp_path):
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["name"] == "ncsnpp"
     assert set(ckpt["model"]) == set(NCSNpp((1, 8, 8), nf=8, ch_mult=[1, 2], num_res_blocks=1,
                                             attn_resolutions=[4]).state_dict())
+
+
+def test_edm_preconditioning_wraps_ncsnpp():
+    cfg = compose_train(["dataset=digits", "model=ncsnpp", "model.nf=8", "model.ch_mult=[1,2]",
+                         "model.num_res_blocks=1", "model.attn_resolutions=[]",
+                         "model.precond=edm", "model.scale_by_sigma=false"])
+    net = registry.build_model(cfg.model, (1, 8, 8), SIGMAS)
+    assert isinstance(net.net, NCSNpp)
+    assert net(torch.rand(2, 1, 8, 8), SIGMAS[[0, 9]]).shape == (2, 1, 8, 8)

@@ -49,6 +49,9 @@ class NCSNppConfig:
     embedding_type: str = "fourier"  # fourier (of log sigma) | positional (of the table index)
     scale_by_sigma: bool = True      # divide the output by sigma
     centered: bool = False           # data already in [-1, 1]; false: 2x - 1 inside
+    precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
+                                     # the network (ncsn/nets/precond.py)
+    sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
 
 
 # ============================================================ initialisation and layers

@@ -22,6 +22,9 @@ class NCSNv2Config:
     depth: str = "standard"          # standard (32-64 px) | deeper (96-128 px) | deepest (256 px)
     activation: str = "elu"
     rescale_input: bool = False      # h = 2x - 1 before the first conv (data in [0, 1])
+    precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
+                                     # the network (ncsn/nets/precond.py)
+    sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
 
 
 # NCSNv2 (Song & Ermon 2020), Appendix B and Technique 3: RefineNet(x) / sigma, with

@@ -30,6 +30,9 @@ class UNetConfig:
     embedding: str = "fourier"       # fourier | sinusoidal, of log sigma
     fourier_scale: float = 16.0      # std of the Fourier frequencies (NCSN++)
     scale_by_sigma: bool = True      # divide the output by sigma (NCSNv2, Technique 3)
+    precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
+                                     # the network (ncsn/nets/precond.py)
+    sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
 
 
 class _Level(nn.Module):

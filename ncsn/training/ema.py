@@ -1,4 +1,5 @@
-"""The exponential moving average of the weights (NCSNv2's Technique 5)."""
+"""The exponential moving average of the weights (NCSNv2's Technique 5), at a fixed rate or
+with EDM's half-life in images."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -34,12 +35,39 @@ def plain_ema_state(state: dict) -> dict:
     return {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
 
 
+# EDM (Karras et al. 2022), training/training_loop.py: the EMA's decay per step from a
+# half-life counted in training images, ramped up at the start of training:
+#   halflife = min(ema_halflife_kimg * 1000, cur_nimg * ema_rampup_ratio),
+#   beta = 0.5^(batch_size / halflife),
+# cur_nimg the images seen before this step.
+def ema_beta(step: int, batch_size: int, halflife_kimg: float,
+             rampup_ratio: float | None = 0.05) -> float:
+    """EDM's EMA decay beta at ``step`` (0-based: ``step * batch_size`` images seen before it)
+    for a global batch of ``batch_size``; ``rampup_ratio`` None: no ramp-up. At step 0 with
+    the ramp-up, beta = 0: the average starts as the weights after the first step."""
+    halflife_nimg = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, step * batch_size * rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+def ema_decay(step: int, trainer_cfg) -> float:
+    """The decay mu of ``shadow <- mu shadow + (1 - mu) theta`` at ``step``: trainer.ema_rate,
+    or with trainer.ema_halflife_kimg EDM's beta (:func:`ema_beta`). A function of the step
+    and the batch alone, so a resumed run continues it without saving anything more."""
+    halflife = trainer_cfg.get("ema_halflife_kimg")
+    if halflife is None:
+        return trainer_cfg.ema_rate
+    return ema_beta(step, trainer_cfg.batch_size, halflife, trainer_cfg.get("ema_rampup_ratio"))
+
+
 @torch.no_grad()
 def update_ema(run: Run) -> None:
-    """shadow <- mu shadow + (1 - mu) theta for every weight and buffer, as one
-    ``torch._foreach_lerp_`` (the operation of torch's get_ema_multi_avg_fn, without
-    AveragedModel's per-step regrouping and its host-side read of ``n_averaged``)."""
+    """shadow <- mu shadow + (1 - mu) theta for every weight and buffer (mu: :func:`ema_decay`
+    at the step just taken), as one ``torch._foreach_lerp_`` (the operation of torch's
+    get_ema_multi_avg_fn, without AveragedModel's per-step regrouping and its host-side read
+    of ``n_averaged``)."""
     shadow = [*run.ema.module.parameters(), *run.ema.module.buffers()]
     current = [*run.net.parameters(), *run.net.buffers()]
-    torch._foreach_lerp_(shadow, current, 1.0 - run.cfg.trainer.ema_rate)
+    torch._foreach_lerp_(shadow, current, 1.0 - ema_decay(run.step, run.cfg.trainer))
     run.ema.n_averaged += 1

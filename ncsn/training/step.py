@@ -49,7 +49,8 @@ def train_step(run: Run, x: Tensor, rows: slice | None = None,
     the finiteness check accumulate in ``run.monitor``, read every ``log_every`` steps and
     before every checkpoint (:func:`check_finite`), so a non-finite loss never reaches one.
     """
-    lr = learning_rate(run.step, run.cfg.optim, run.cfg.trainer.n_steps)
+    t = run.cfg.trainer
+    lr = learning_rate(run.step, run.cfg.optim, t.n_steps, t.batch_size)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     if run.speed.channels_last and x.dim() == 4:
