@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 
 from ncsn.data.images import IMAGE_DATASETS
 from ncsn.nets.ncsn import NCSNConfig
+from ncsn.nets.ncsnpp import NCSNppConfig
 from ncsn.nets.ncsnv2 import NCSNv2Config
 from ncsn.nets.unet import UNetConfig
 from ncsn.objectives import OBJECTIVES
@@ -266,7 +267,7 @@ SCHEMAS = {
                 "gaussian_mixture": GaussianMixtureConfig, **IMAGE_DATASETS},
     "model": {"mlp": MLPConfig, "cond_mlp": ConditionalMLPConfig, "ncsn": NCSNConfig,
               "ncsnv2": NCSNv2Config, "unet": UNetConfig, "nice": NICEConfig,
-              "realnvp": RealNVPConfig, "glow": GlowConfig},
+              "realnvp": RealNVPConfig, "glow": GlowConfig, "ncsnpp": NCSNppConfig},
     "noise": {"geometric": NoiseConfig},
     # The objectives' and samplers' schemas are their classes' (ncsn.objectives,
     # ncsn.samplers), stored as they register; SCHEMAS["loss"] and ["sampler"] read the tables.

@@ -17,6 +17,7 @@ from ncsn.data.images import IMAGE_DATASETS, build_image_data, image_config, mod
 from ncsn.flows import FLOW_MODELS, glow, nice, realnvp
 from ncsn.nets.mlp import ConditionalMLP, ScoreMLP
 from ncsn.nets.ncsn import NCSN
+from ncsn.nets.ncsnpp import NCSNpp
 from ncsn.nets.ncsnv2 import NCSNv2
 from ncsn.nets.precond import network_config, precond_problems, precondition
 from ncsn.nets.unet import UNet
@@ -116,9 +117,10 @@ def _flow(make_flow):
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp, "cond_mlp": _cond_mlp,
     "ncsn": _image_net(NCSN), "ncsnv2": _image_net(NCSNv2), "unet": _image_net(UNet),
+    "ncsnpp": _image_net(NCSNpp),
     "nice": _flow(nice), "realnvp": _flow(realnvp), "glow": _flow(glow),
 }
-CONDITIONAL_MODELS = {"cond_mlp", "ncsn", "ncsnv2", "unet"}
+CONDITIONAL_MODELS = {"cond_mlp", "ncsn", "ncsnv2", "unet", "ncsnpp"}
 
 
 def build_model(cfg, shape, sigmas: Tensor) -> nn.Module:
@@ -143,10 +145,13 @@ def is_flow(model_cfg) -> bool:
 
 def takes_sigma_values(model_cfg) -> bool:
     """Whether a network conditions on sigma's value, so that any sigma works: ncsnv2 (whose
-    only conditioning is the division by sigma), unet and cond_mlp with the log-sigma
-    embedding; not ncsn or the multiplicative cond_mlp, which look sigma up in the table."""
+    only conditioning is the division by sigma), unet, and cond_mlp and ncsnpp with their
+    log-sigma embeddings; not ncsn, the multiplicative cond_mlp or ncsnpp's positional
+    embedding, which look sigma up in the table."""
     if model_cfg.name == "cond_mlp":
         return model_cfg.embedding == "log_sigma"
+    if model_cfg.name == "ncsnpp":
+        return model_cfg.embedding_type == "fourier"
     return model_cfg.name in ("ncsnv2", "unet")
 
 

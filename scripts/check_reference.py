@@ -7,14 +7,24 @@ chains from the same seed and start).
 The reference code is read at run time from checkouts given on the command line (export
 the public repositories, e.g. ``git archive``); nothing of it is kept here.
 
+With ``--score-sde-ref`` it also builds score_sde_pytorch's NCSN++ in each layout, maps its
+state dict onto ncsn's NCSNpp (:func:`ncsn.nets.ncsnpp.from_score_sde`) and compares the two
+on the same inputs and sigma. score_sde's ``op`` package compiles a CUDA extension at import;
+this script gives it the package's own CPU path instead (``upfirdn2d_native``), so a plain
+checkout runs on a CPU.
+
     python scripts/check_reference.py --ncsn-ref /tmp/ncsn_ref --ncsnv2-ref /tmp/ncsnv2_ref
-    python scripts/check_reference.py ... --full      # also ngf=128 at 32x32
+    python scripts/check_reference.py ... --full      # also ngf=128 at 32x32 (nf=128: NCSN++)
     python scripts/check_reference.py ... --langevin  # also the sampler chains
+    python scripts/check_reference.py --score-sde-ref /tmp/score_sde [--full] [--count]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import math
+import types
 import subprocess
 import sys
 import tempfile
@@ -204,21 +214,230 @@ def chain_difference(refs, layout, ref, ours, ckpt) -> float:
     return float((mine - theirs).abs().max()), float(theirs.abs().max())
 
 
+# ----------------------------------------------------------------------------- NCSN++
+# score_sde's configs/ve/cifar10_ncsnpp_continuous.py (with default_cifar10_configs.py):
+# its model section; each case below changes some keys.
+NCSNPP_CIFAR10 = dict(
+    name="ncsnpp", scale_by_sigma=True, normalization="GroupNorm", nonlinearity="swish",
+    nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=(16,),
+    resamp_with_conv=True, conditional=True, fir=True, fir_kernel=[1, 3, 3, 1],
+    skip_rescale=True, resblock_type="biggan", progressive="none",
+    progressive_input="residual", progressive_combine="sum", attention_type="ddpm",
+    init_scale=0.0, fourier_scale=16, conv_size=3, embedding_type="fourier", dropout=0.1,
+    sigma_min=0.01, sigma_max=50, num_scales=1000)
+# configs/ve/cifar10_ncsnpp_deep_continuous.py
+NCSNPP_DEEP = dict(num_res_blocks=8)
+# configs/ve/celebahq_256_ncsnpp_continuous.py (church, bedroom, ffhq_256: sigma_max aside,
+# the same network), with default_lsun_configs.py
+NCSNPP_256 = dict(ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2, progressive="output_skip",
+                  progressive_input="input_skip", dropout=0.0, sigma_max=348, num_scales=2000)
+# configs/ve/ffhq_ncsnpp_continuous.py and celebahq_ncsnpp_continuous.py (1024 px)
+NCSNPP_1024 = dict(nf=16, ch_mult=(1, 2, 4, 8, 16, 32, 32, 32), num_res_blocks=1,
+                   progressive="output_skip", progressive_input="input_skip", dropout=0.0,
+                   sigma_max=1348, num_scales=2000)
+
+# (label, image size, changes to NCSNPP_CIFAR10, data.centered, batch)
+NCSNPP_SMALL = [
+    ("NCSN++ CIFAR-10 layout, nf 8, 3x16x16", 16,
+     dict(nf=8, attn_resolutions=(8,)), False, 3),
+    ("NCSN++ deep CIFAR-10 layout, nf 8, 3x16x16", 16,
+     dict(NCSNPP_DEEP, nf=8, attn_resolutions=(8,)), False, 3),
+    ("NCSN++ 256 px layout, nf 8, 3x64x64", 64,
+     dict(NCSNPP_256, nf=8, attn_resolutions=(16,)), False, 2),
+    ("NCSN++ 1024 px layout, nf 4, 3x128x128", 128,
+     dict(NCSNPP_1024, nf=4, attn_resolutions=(16,)), False, 1),
+    ("NCSN++ ddpm blocks, FIR, positional", 16,
+     dict(nf=8, num_res_blocks=2, attn_resolutions=(8,), resblock_type="ddpm",
+          resamp_with_conv=False, embedding_type="positional", sigma_max=1.0,
+          num_scales=10), False, 3),
+    ("NCSN++ ddpm blocks, no FIR, output residual (*)", 16,
+     dict(nf=8, num_res_blocks=2, attn_resolutions=(8,), resblock_type="ddpm",
+          progressive="residual", fir=False), False, 3),
+    ("NCSN++ ddpm blocks, FIR convs, input_skip cat (*)", 16,
+     dict(nf=8, num_res_blocks=1, attn_resolutions=(4,), resblock_type="ddpm",
+          progressive="residual", progressive_input="input_skip", progressive_combine="cat",
+          skip_rescale=False), False, 3),
+    ("NCSN++ ddpm blocks, no FIR, no conv, no pyramids (*)", 16,
+     dict(nf=8, num_res_blocks=1, attn_resolutions=(), resblock_type="ddpm",
+          resamp_with_conv=False, progressive_input="none", fir=False), False, 3),
+    ("NCSN++ biggan, no FIR, output_skip, centered, unscaled (*)", 16,
+     dict(nf=8, num_res_blocks=1, attn_resolutions=(16, 4), fir=False, skip_rescale=False,
+          progressive="output_skip", init_scale=0.1, scale_by_sigma=False), True, 3),
+]
+NCSNPP_FULL = [
+    ("NCSN++ CIFAR-10, nf 128, 3x32x32", 32, {}, False, 2),
+    ("NCSN++ deep CIFAR-10, nf 128, 3x32x32", 32, NCSNPP_DEEP, False, 2),
+]
+
+
+def function_source(path: Path, name: str) -> str:
+    """The source of the top-level function ``name`` of the file ``path``."""
+    source = path.read_text()
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.FunctionDef) and n.name == name)
+    return ast.get_source_segment(source, node)
+
+
+# Slips in score_sde_pytorch's port that stop two layers from running (the released VE
+# configurations reach neither); the cases marked (*) need them repaired:
+# file -> [(text, repaired text)]
+SCORE_SDE_REPAIRS = {
+    # upsample_conv_2d (StyleGAN2's fused upsampling convolution) flips the kernel by
+    # slicing with negative steps, which torch refuses, and passes TensorFlow's 4-entry
+    # strides (and an output padding computed from their first entry) to torch
+    "models/up_or_down_sampling.py": [
+        ("w[..., ::-1, ::-1]", "torch.flip(w, [3, 4])"),
+        ("F.conv_transpose2d(x, w, stride=stride, output_padding=output_padding, padding=0)",
+         "F.conv_transpose2d(x, w, stride=factor, padding=0)")],
+    # Upsample (no FIR) passes 'nearest' as interpolate's scale_factor, next to a size
+    "models/layerspp.py": [("F.interpolate(x, (H * 2, W * 2), 'nearest')",
+                            "F.interpolate(x, (H * 2, W * 2), mode='nearest')")],
+}
+
+
+def score_sde_models(root: Path) -> types.ModuleType:
+    """score_sde's ``models.ncsnpp``, importable on a CPU: its ``op`` package (a CUDA
+    extension compiled at import) stands in as the package's own CPU path
+    (``upfirdn2d_native``, what its ``upfirdn2d`` runs on CPU tensors), and the modules in
+    ``SCORE_SDE_REPAIRS`` are loaded with those repairs."""
+    namespace_ = {"torch": torch, "F": torch.nn.functional}
+    exec(function_source(root / "op" / "upfirdn2d.py", "upfirdn2d_native"), namespace_)
+    native = namespace_["upfirdn2d_native"]
+    op = types.ModuleType("op")
+    op.upfirdn2d = lambda x, kernel, up=1, down=1, pad=(0, 0): native(     # op's CPU branch
+        x, kernel, up, up, down, down, pad[0], pad[1], pad[0], pad[1])
+    sys.modules["op"] = op
+    for name in [m for m in sys.modules if m == "models" or m.startswith("models.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        package = importlib.import_module("models")
+        for relative_path, repairs in SCORE_SDE_REPAIRS.items():   # in import order
+            source = (root / relative_path).read_text()
+            for text, repaired in repairs:
+                if source.count(text) != 1:
+                    raise SystemExit(f"{relative_path}: expected {text!r} once; another "
+                                     f"version of score_sde_pytorch?")
+                source = source.replace(text, repaired)
+            name = "models." + Path(relative_path).stem
+            module = types.ModuleType(name)
+            module.__file__, module.__package__ = str(root / relative_path), "models"
+            sys.modules[name] = module
+            setattr(package, Path(relative_path).stem, module)
+            exec(compile(source, module.__file__, "exec"), module.__dict__)
+        return importlib.import_module("models.ncsnpp")
+    finally:
+        sys.path.remove(str(root))
+
+
+def ncsnpp_reference_config(model: dict, size: int, centered: bool) -> argparse.Namespace:
+    """The keys score_sde's NCSNpp reads, as attributes (its ml_collections.ConfigDict)."""
+    return namespace({"model": model, "training": {"continuous": True},
+                      "data": {"image_size": size, "num_channels": 3, "centered": centered}})
+
+
+def ncsnpp_fields(model: dict, centered: bool) -> dict:
+    """NCSNpp's arguments for a score_sde model section."""
+    from ncsn.nets.ncsnpp import NCSNppConfig
+
+    names = [f for f in NCSNppConfig.__dataclass_fields__
+             if f not in ("name", "centered", "precond", "sigma_data")]
+    return {**{f: list(model[f]) if isinstance(model[f], tuple) else model[f] for f in names},
+            "centered": centered}
+
+
+def ncsnpp_sigmas(model: dict) -> torch.Tensor:
+    from ncsn.noise import geometric_sigmas
+
+    return geometric_sigmas(model["sigma_max"], model["sigma_min"], model["num_scales"])
+
+
+def compare_ncsnpp(score_sde, label, size, changes, centered, batch) -> float:
+    """Build score_sde's NCSNpp, map its state dict onto ours, compare the outputs."""
+    from ncsn.nets.ncsnpp import NCSNpp, from_score_sde, score_sde_keys
+
+    model = {**NCSNPP_CIFAR10, **changes}
+    torch.manual_seed(0)
+    ref = score_sde.NCSNpp(ncsnpp_reference_config(model, size, centered))
+    with torch.no_grad():                        # the 1e-10 branches would hide everything
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.eval()
+    sigmas = ncsnpp_sigmas(model)
+    ours = NCSNpp((3, size, size), sigmas, **ncsnpp_fields(model, centered)).eval()
+    state = ref.state_dict()
+    positional = model["embedding_type"] == "positional"
+    in_order = list(score_sde_keys(ours)) == [k for k in state if positional or k != "sigmas"]
+    ours.load_state_dict(from_score_sde(state, ours))
+    x = torch.rand(batch, 3, size, size)
+    x = 2 * x - 1 if centered else x
+    if positional:
+        labels = torch.randint(0, len(sigmas), (batch,))
+        sigma, condition = sigmas[labels], labels
+    else:
+        log_min, log_max = math.log(model["sigma_min"]), math.log(model["sigma_max"])
+        sigma = torch.exp(log_min + (log_max - log_min) * torch.rand(batch))
+        condition = sigma
+    with torch.no_grad():
+        mine, theirs = ours(x, sigma), ref(x, condition).float()
+    if not (mine.isfinite().all() and theirs.isfinite().all()):
+        raise SystemExit(f"{label}: an output is not finite; the comparison would mean nothing")
+    difference = float((mine - theirs).abs().max())
+    scale = float(theirs.abs().max())
+    print(f"{label:60s} max|diff| {difference:.2e}  max|out| {scale:.3g}  relative "
+          f"{difference / scale:.2e}  keys in score_sde's order: {in_order}", flush=True)
+    if not in_order:
+        raise SystemExit(f"{label}: score_sde_keys does not list score_sde's keys in order")
+    return difference / scale
+
+
+def count_ncsnpp(score_sde) -> None:
+    """Parameters of score_sde's full configurations: its network against ours."""
+    from ncsn.nets.ncsnpp import NCSNpp
+
+    print(f"{'configuration':34s} {'score_sde':>12s} {'ncsn':>12s}")
+    for label, size, changes in [("cifar10_ncsnpp_continuous", 32, {}),
+                                 ("cifar10_ncsnpp_deep_continuous", 32, NCSNPP_DEEP),
+                                 ("celebahq_256_ncsnpp_continuous", 256, NCSNPP_256),
+                                 ("ffhq_ncsnpp_continuous (1024)", 1024, NCSNPP_1024)]:
+        model = {**NCSNPP_CIFAR10, **changes}
+        theirs = sum(p.numel() for p in score_sde.NCSNpp(
+            ncsnpp_reference_config(model, size, False)).parameters() if p.requires_grad)
+        with torch.device("meta"):
+            ours = sum(p.numel() for p in NCSNpp((3, size, size), ncsnpp_sigmas(model),
+                                                 **ncsnpp_fields(model, False)).parameters())
+        print(f"{label:34s} {theirs:12,d} {ours:12,d}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ncsn-ref", type=Path, required=True,
-                        help="a checkout of github.com/ermongroup/ncsn")
-    parser.add_argument("--ncsnv2-ref", type=Path, required=True,
+    parser.add_argument("--ncsn-ref", type=Path, help="a checkout of github.com/ermongroup/ncsn")
+    parser.add_argument("--ncsnv2-ref", type=Path,
                         help="a checkout of github.com/ermongroup/ncsnv2")
+    parser.add_argument("--score-sde-ref", type=Path,
+                        help="a checkout of github.com/yang-song/score_sde_pytorch")
     parser.add_argument("--full", action="store_true", help="also ngf=128 at 32x32")
     parser.add_argument("--langevin", action="store_true", help="also compare sampler chains")
+    parser.add_argument("--count", action="store_true",
+                        help="NCSN++: parameter counts of score_sde's full configurations")
     args = parser.parse_args()
+    if (args.ncsn_ref is None) != (args.ncsnv2_ref is None):
+        parser.error("--ncsn-ref and --ncsnv2-ref go together")
+    if args.ncsn_ref is None and args.score_sde_ref is None:
+        parser.error("give --ncsn-ref and --ncsnv2-ref, or --score-sde-ref, or all three")
     torch.set_num_threads(1)
-    refs = {"ncsn": args.ncsn_ref, "ncsnv2": args.ncsnv2_ref}
     worst = 0.0
-    for case in SMALL + (FULL if args.full else []):
-        results = compare(*case, refs, langevin=args.langevin)
-        worst = max(worst, results[0], *results[2:])
+    if args.ncsn_ref is not None:
+        refs = {"ncsn": args.ncsn_ref, "ncsnv2": args.ncsnv2_ref}
+        for case in SMALL + (FULL if args.full else []):
+            results = compare(*case, refs, langevin=args.langevin)
+            worst = max(worst, results[0], *results[2:])
+    if args.score_sde_ref is not None:
+        score_sde = score_sde_models(args.score_sde_ref)
+        for case in NCSNPP_SMALL + (NCSNPP_FULL if args.full else []):
+            worst = max(worst, compare_ncsnpp(score_sde, *case))
+        if args.count:
+            count_ncsnpp(score_sde)
     print(f"largest float32 relative difference: {worst:.2e} (bound 1e-5)")
     sys.exit(0 if worst <= 1e-5 else 1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ncsn.nets.ncsn import NCSN
+from ncsn.nets.ncsnpp import NCSNpp
 from ncsn.nets.ncsnv2 import NCSNv2
 from ncsn.nets.unet import UNet
 from ncsn.noise import geometric_sigmas
@@ -23,6 +24,13 @@ PAPER_CONFIGS = [
     ("NCSNv2 deepest (256 px)", NCSNv2, (3, 256, 256), (348.0, 0.01, 2311),
      dict(ngf=128, depth="deepest")),
     ("U-Net default (32 px)", UNet, (3, 32, 32), (50.0, 0.01, 232), dict()),
+    # score_sde's VE configurations (Song et al. 2021)
+    ("NCSN++ (CIFAR-10)", NCSNpp, (3, 32, 32), (50.0, 0.01, 1000), dict()),
+    ("NCSN++ deep (CIFAR-10)", NCSNpp, (3, 32, 32), (50.0, 0.01, 1000),
+     dict(num_res_blocks=8)),
+    ("NCSN++ 256 px (CelebA-HQ, FFHQ, LSUN)", NCSNpp, (3, 256, 256), (348.0, 0.01, 2000),
+     dict(ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2, progressive="output_skip",
+          progressive_input="input_skip", dropout=0.0)),
 ]
 
 

@@ -26,7 +26,9 @@ IMAGE_SIZE = 16
 TINY_MODEL = {"ncsn": ["model.ngf=8"], "ncsnv2": ["model.ngf=8"],
               "unet": ["model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[]"],
               "nice": ["model.hidden=16", "model.n_hidden=1"], "realnvp": ["model.hidden=8"],
-              "glow": ["model.hidden=8", "model.depth=1"]}
+              "glow": ["model.hidden=8", "model.depth=1"],
+              "ncsnpp": ["model.nf=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
+                         "model.attn_resolutions=[]"]}
 TINY_RUN = ["trainer.n_steps=1", "trainer.batch_size=4", "trainer.n_plot_samples=2",
             "trainer.device=cpu", "trainer.progress=false"]
 
@@ -125,6 +127,8 @@ def test_the_reference_networks_by_dataset():
         c = compose_train([f"experiment={name}"])
         if name in depth:
             assert (c.model.name, c.model.depth) == ("ncsnv2", depth[name]), name
+        elif name.startswith("ncsnpp"):
+            assert c.model.name == "ncsnpp", name
         elif name.startswith("ncsn") or name == "mnist":
             assert c.model.name == "ncsn", name
     assert compose_train(["experiment=ncsnv2_bedroom"]).dataset.category == "bedroom"
