@@ -16,6 +16,7 @@ from ncsn.nets.layers import (AttentionBlock, CondInstanceNorm2dPlus, InstanceNo
                               ResidualBlock)
 from ncsn.nets.ncsn import NCSN, NCSNConfig
 from ncsn.nets.ncsnv2 import NCSNv2, NCSNv2Config
+from ncsn.nets.precond import PRECOND_KEYS
 from ncsn.nets.unet import UNet, UNetConfig
 from ncsn.noise import geometric_sigmas
 
@@ -329,7 +330,9 @@ def test_yaml_schema_and_constructor_agree(config_class, net_class, shape):
     assert yaml.pop("defaults") == [f"/schema/model/{defaults['name']}@_here_", "_self_"]
     assert yaml == defaults                                    # every field, at its paper value
     merged = OmegaConf.merge(OmegaConf.structured(config_class), yaml)
-    fields = {k: v for k, v in OmegaConf.to_container(merged).items() if k != "name"}
+    # The network's own keys: the name and EDM's wrapper keys (ncsn.nets.precond) aside.
+    fields = {k: v for k, v in OmegaConf.to_container(merged).items()
+              if k != "name" and k not in PRECOND_KEYS}
     signature = inspect.signature(net_class).parameters
     assert {k: signature[k].default for k in fields} == {
         k: tuple(v) if isinstance(signature[k].default, tuple) else v for k, v in fields.items()}
