@@ -33,6 +33,17 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, truncated or not ncsn's. The message is one line."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that torch cannot read (truncated, corrupt, not a torch file):
+    ``path`` and ``reason``, torch's own first line."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"cannot read checkpoint {path}: the file is truncated, corrupt or not "
+                         f"a torch file ({reason}); pick another file from its checkpoints/ "
+                         f"folder")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file beside ``path``, then rename over it. The file gets the
     mode the umask gives new files (0644 under umask 022), like the run's other files, not
@@ -187,9 +198,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as err:
         # The inner error's first line, whole (torch's later lines are advice for pickles).
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or "
-                              f"not a torch file ({reason}); pick another file from its "
-                              f"checkpoints/ folder (ncsn-train: trainer.resume=PATH)") from None
+        raise UnreadableCheckpointError(path, reason) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ncsn checkpoint (no format='ncsn' tag); "
                               f"pass a file written by ncsn-train")

@@ -85,7 +85,8 @@ def write_points(sampler: CheckpointSampler, cfg, out: Path) -> Path:
             viz.save_figure(viz.trajectories_figure(trajectory, data,
                                                     sampler=sampler.sampler_cfg.name),
                             out / "trajectories.png")
-    log.info("wrote %d samples to %s", len(samples), out / "samples.npz")
+    log.info("wrote %d samples to %s and their picture to %s", len(samples),
+             out / "samples.npz", out / "samples.png")
     return out / "samples.npz"
 
 
@@ -147,7 +148,8 @@ def write_images(sampler: CheckpointSampler, cfg, out: Path) -> Path:
     if recorder is not None:
         save_gif(recorder.frames, out / "trajectories.gif")
         save_strip(recorder.frames, out / "trajectories.png")
-    log.info("wrote %d samples to %s (save_as=%s)", cfg.n_samples, out, cfg.save_as)
+    log.info("wrote %d samples to %s (save_as=%s) and a grid of %d to %s", cfg.n_samples, out,
+             cfg.save_as, min(cfg.grid_size, cfg.n_samples), out / "samples.png")
     return out / "samples.png"
 
 

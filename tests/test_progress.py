@@ -15,7 +15,7 @@ def test_log_lines_every_log_every_steps_when_output_is_a_file(tmp_path):
                                 stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
                                 timeout=240)
     assert result.returncode == 0, err.read_text()
-    line = re.compile(r"step (\d+)/40: loss ([-+.\w]+), .* steps/s, .* img/s, lr .*, .* left")
+    line = re.compile(r"step (\d+)/40: loss ([-+.\w]+), .* steps/s, .* samples/s, lr .*, .* left")
     for text in ((run_dir / "train.log").read_text(), out.read_text() + err.read_text()):
         found = [(int(m[1]), float(m[2])) for m in line.finditer(text)]
         assert [step for step, _ in found] == [10, 20, 30, 40], text

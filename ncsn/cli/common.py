@@ -117,8 +117,17 @@ def run_over_ranks(hydra_main: Callable[[], None]) -> None:
         hydra_main()
 
 
-def print_help(prog: str, config_name: str, summary: str, argv: list[str],
-               groups: tuple[str, ...] | None = None, checkpoint_sampler: bool = False) -> None:
+def print_help(*args, **kwargs) -> None:
+    """:func:`_print_help`; a reader that stops early (``--help | head``) ends it quietly."""
+    try:
+        _print_help(*args, **kwargs)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no error at exit
+
+
+def _print_help(prog: str, config_name: str, summary: str, argv: list[str],
+                groups: tuple[str, ...] | None = None, checkpoint_sampler: bool = False) -> None:
     """``--help``: the config groups with their options (the user-facing ones, not the
     schemas) and the config composed with the other arguments. ``checkpoint_sampler``: the
     command samples a checkpoint, whose own sampler replaces the sampler config composed

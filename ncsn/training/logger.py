@@ -64,12 +64,14 @@ class TrainLogger:
 
     def log_line(self, lr: float, steps_per_sec: float) -> None:
         """One line of progress, what the bar would show: the step, the mean loss since the
-        last line, the speed (steps/s and images/s over the global batch), lr, time left."""
+        last line, the speed (steps/s, and images or samples per second over the global
+        batch), lr, time left."""
         t = self.run.cfg.trainer
         left = (t.n_steps - self.run.step) / max(steps_per_sec, 1e-9)
-        log.info("step %d/%d: loss %.5g%s, %.3g steps/s, %.0f img/s, lr %.3g, %s left",
+        per = "img/s" if self.run.data.kind == "images" else "samples/s"
+        log.info("step %d/%d: loss %.5g%s, %.3g steps/s, %.0f %s, lr %.3g, %s left",
                  self.run.step, t.n_steps, self.last_loss, self.unit, steps_per_sec,
-                 steps_per_sec * t.batch_size, lr, duration(left))
+                 steps_per_sec * t.batch_size, per, lr, duration(left))
 
 
 def nll_unit(dataset_cfg) -> str:

@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 
 from ncsn import distributed, registry
-from ncsn.checkpoint import (STEP_FILE, CheckpointError, existing_checkpoint, load_checkpoint,
-                             save_checkpoint)
+from ncsn.checkpoint import (STEP_FILE, CheckpointError, UnreadableCheckpointError,
+                             existing_checkpoint, load_checkpoint, save_checkpoint)
 from ncsn.training.ema import plain_ema_state
 from ncsn.training.monitor import check_finite
 from ncsn.training.run import to_plain
@@ -123,15 +123,19 @@ def readable_checkpoint(cfg: DictConfig, ckpt_dir: Path) -> tuple[Path | None, d
     failures = []
     for path in candidates:
         if failures and os.path.samefile(path, candidates[0]):
-            continue                    # last.pt's own step file: the same bytes
+            failures[0] += f" (the same file as {path.name})"   # last.pt is its hard link
+            continue
         try:
             ckpt = load_checkpoint(path)
+        except UnreadableCheckpointError as err:
+            failures.append(f"{err.path} cannot be read ({err.reason})")
+            continue
         except CheckpointError as err:
             failures.append(str(err))
             continue
         if failures:
-            log.warning("%s; resuming from %s, the newest checkpoint that reads", failures[0],
-                        path)
+            log.warning("%s; resuming from %s, the newest checkpoint that reads",
+                        "; ".join(failures), path)
         return path, ckpt
     raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read ({'; '.join(failures)}); "
                           f"resume from another run's file with trainer.resume=PATH, or start "
