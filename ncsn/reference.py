@@ -120,7 +120,9 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict:
         raise ReferenceFormatError(
             f"{path} has another layout ({_describe(states)}); expected the list saved by "
             f"ncsn's anneal_runner [model, optimizer] or ncsnv2's ncsn_runner "
-            f"[model, optimizer, epoch, step] with the EMA shadow last")
+            f"[model, optimizer, epoch, step] with the EMA shadow last"
+            + ("; for score_sde_pytorch's {optimizer, model, ema, step} add format=score_sde"
+               if isinstance(states, dict) and {"model", "ema"} <= set(states) else ""))
     model = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in states[0].items()}
     ema = states[4] if layout == "ncsnv2" and len(states) == 5 else None
     step = states[3] if layout == "ncsnv2" else _step_from_name(path)
