@@ -160,12 +160,12 @@ def test_a_released_configuration_is_its_experiment_file(name, experiment):
 
 
 def test_cli_writes_a_weights_only_checkpoint_that_ncsn_sample_takes(tmp_path):
+    from ncsn.cli.import_ import main
+
     _, _, src, config = write_run(tmp_path, tiny_config())
     torch.load(src, weights_only=True)                   # Adam's state dict included
     out = tmp_path / "imported.pt"
-    done = run_cli("ncsn-import", f"src={src}", "format=score_sde", f"config={config}",
-                   f"out={out}")
-    assert done.returncode == 0, done.stderr
+    main([f"src={src}", "format=score_sde", f"config={config}", f"out={out}"])
     assert torch.load(out, weights_only=True)["source"]["layout"] == "score_sde"
     assert load_checkpoint(out)["format"] == "ncsn"
     samples = tmp_path / "samples"
@@ -246,15 +246,21 @@ def test_checkpoints_that_do_not_fit_are_refused(tmp_path):
     import_fails(src, other, "missing keys")
 
 
-def test_cli_reports_bad_input_in_one_line(tmp_path):
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    """ncsn-import's own main, in this process: a refusal is one line and exit status 2."""
+    from ncsn.cli.import_ import main
+
     _, _, src, config = write_run(tmp_path, tiny_config())
     out = tmp_path / "o.pt"
     for args, match in (([f"src={src}", "format=score_sde", "config=vp/cifar10_ddpm",
                           f"out={out}"], "VP-SDE"),
-                        ([f"src={src}", f"config={config}", f"out={out}"], "format=score_sde")):
-        done = run_cli("ncsn-import", *args)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, done.stderr
+                        ([f"src={src}", f"config={config}", f"out={out}"], "format=score_sde"),
+                        ([f"src={src}", "format=jax", f"config={config}", f"out={out}"],
+                         "format='jax'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1, lines
         assert lines[0].startswith("ncsn-import: error:") and match in lines[0], lines[0]
         assert not out.exists()
 
