@@ -9,7 +9,9 @@ the public repositories, e.g. ``git archive``); nothing of it is kept here.
 
 With ``--score-sde-ref`` it also builds score_sde_pytorch's NCSN++ in each layout, maps its
 state dict onto ncsn's NCSNpp (:func:`ncsn.nets.ncsnpp.from_score_sde`) and compares the two
-on the same inputs and sigma. score_sde's ``op`` package compiles a CUDA extension at import;
+on the same inputs and sigma; and it saves score_sde's NCSNpp as its run_lib does (with its
+EMA), imports the file with ``ncsn-import format=score_sde`` and compares the scores of
+score_sde's ``get_score_fn`` and ncsn's network, raw and EMA weights. score_sde's ``op`` package compiles a CUDA extension at import;
 this script gives it the package's own CPU path instead (``upfirdn2d_native``), so a plain
 checkout runs on a CPU.
 
@@ -409,6 +411,102 @@ def count_ncsnpp(score_sde) -> None:
         print(f"{label:34s} {theirs:12,d} {ours:12,d}", flush=True)
 
 
+# (label, image size, changes to NCSNPP_CIFAR10, the released configuration whose other
+# sections the config file takes, batch): checkpoints written by run_lib's save_checkpoint
+NCSNPP_CHECKPOINTS = [
+    ("score_sde checkpoint, CIFAR-10 layout, nf 8, 3x16x16", 16,
+     dict(nf=8, attn_resolutions=(8,), num_scales=10), "ve/cifar10_ncsnpp_continuous", 3),
+    ("score_sde checkpoint, 256 px layout, nf 8, 3x64x64", 64,
+     dict(NCSNPP_256, nf=8, attn_resolutions=(16,), num_scales=10),
+     "ve/church_ncsnpp_continuous", 2),
+    ("score_sde checkpoint, positional (discrete), nf 8, 3x16x16", 16,
+     dict(nf=8, attn_resolutions=(8,), embedding_type="positional", num_scales=10),
+     "ve/cifar10_ncsnpp", 3),
+]
+
+
+def score_sde_runtime(root: Path) -> types.SimpleNamespace:
+    """score_sde's EMA class (models/ema.py), ``get_score_fn`` (models/utils.py), VESDE
+    (sde_lib.py) and ``save_checkpoint`` (utils.py, read alone: the file imports
+    TensorFlow for its ``restore_checkpoint``)."""
+    sys.path.insert(0, str(root))
+    try:
+        ema = importlib.import_module("models.ema")
+        mutils = importlib.import_module("models.utils")
+        sde_lib = importlib.import_module("sde_lib")
+    finally:
+        sys.path.remove(str(root))
+    namespace_ = {"torch": torch}
+    exec(function_source(root / "utils.py", "save_checkpoint"), namespace_)
+    return types.SimpleNamespace(EMA=ema.ExponentialMovingAverage, get_score_fn=mutils.get_score_fn,
+                                 VESDE=sde_lib.VESDE, save_checkpoint=namespace_["save_checkpoint"])
+
+
+def plain(tree):
+    """Tuples as lists, for a YAML file."""
+    if isinstance(tree, dict):
+        return {k: plain(v) for k, v in tree.items()}
+    return [plain(v) for v in tree] if isinstance(tree, (tuple, list)) else tree
+
+
+def compare_score_sde_checkpoint(score_sde, runtime, label, size, changes, released,
+                                 batch) -> float:
+    """score_sde's NCSNpp trained for one step under its EMA, saved by run_lib's
+    save_checkpoint, imported by ``ncsn-import format=score_sde`` with a config file of the
+    same fields; the two scores (get_score_fn) on the same images and t, raw and EMA."""
+    from ncsn.checkpoint import load_checkpoint
+    from ncsn.generate import model_from_checkpoint
+    from ncsn.reference_sde import SCORE_SDE_CONFIGS
+
+    model = {**NCSNPP_CIFAR10, "ema_rate": 0.999, **changes}
+    continuous = model["embedding_type"] == "fourier"
+    tree = plain({**SCORE_SDE_CONFIGS[released], "model": model})
+    tree["data"] = {**tree["data"], "image_size": size, "centered": False}
+    tree["training"] = {**tree["training"], "continuous": continuous}
+    config = namespace(tree)
+    torch.manual_seed(0)
+    net = torch.nn.DataParallel(score_sde.NCSNpp(config))     # run_lib's "module." names
+    with torch.no_grad():                        # the 1e-10 branches would hide everything
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ema = runtime.EMA(net.parameters(), decay=model["ema_rate"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    x = torch.rand(batch, 3, size, size)                     # data in [0, 1]
+    net(x, torch.full((batch,), 1.0) if continuous else torch.zeros(batch).long()).square(
+        ).mean().backward()
+    optimizer.step()                             # a step, so that the EMA differs from the model
+    ema.update(net.parameters())
+    sde = runtime.VESDE(model["sigma_min"], model["sigma_max"], model["num_scales"])
+    t = torch.rand(batch) * (1 - 1e-5) + 1e-5
+    with tempfile.TemporaryDirectory() as tmp:
+        src, yml, out = (Path(tmp) / n for n in ("checkpoint_2.pth", "config.yaml", "out.pt"))
+        runtime.save_checkpoint(str(src), dict(optimizer=optimizer, model=net, ema=ema, step=2))
+        yml.write_text(yaml.safe_dump(tree))
+        done = subprocess.run([Path(sys.executable).parent / "ncsn-import", f"src={src}",
+                               "format=score_sde", f"config={yml}", f"out={out}"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{label}: ncsn-import failed: {done.stderr.strip()}")
+        ckpt = load_checkpoint(out)
+    if continuous:                              # get_score_fn: labels = marginal std = sigma
+        sigma = sde.marginal_prob(torch.zeros_like(x), t)[1]
+    else:                                       # labels = round((T - t)(N - 1)), a table index
+        sigma = ckpt["sigmas"][torch.round((sde.T - t) * (sde.N - 1)).long()]
+    results = []
+    net.eval()
+    with torch.no_grad():
+        for use_ema in (False, True):
+            if use_ema:
+                ema.copy_to(net.parameters())
+            theirs = runtime.get_score_fn(sde, net, train=False, continuous=continuous)(x, t)
+            ours = model_from_checkpoint(ckpt, use_ema=use_ema)(x, sigma)
+            results.append((float((ours - theirs).abs().max()), float(theirs.abs().max())))
+    line = "  ".join(f"{name} max|diff| {d:.2e} max|score| {m:.3g}"
+                     for name, (d, m) in zip(("raw", "EMA"), results))
+    print(f"{label:60s} {line}", flush=True)
+    return max(d / m for d, m in results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ncsn-ref", type=Path, help="a checkout of github.com/ermongroup/ncsn")
@@ -436,6 +534,9 @@ def main() -> None:
         score_sde = score_sde_models(args.score_sde_ref)
         for case in NCSNPP_SMALL + (NCSNPP_FULL if args.full else []):
             worst = max(worst, compare_ncsnpp(score_sde, *case))
+        runtime = score_sde_runtime(args.score_sde_ref)
+        for case in NCSNPP_CHECKPOINTS:
+            worst = max(worst, compare_score_sde_checkpoint(score_sde, runtime, *case))
         if args.count:
             count_ncsnpp(score_sde)
     print(f"largest float32 relative difference: {worst:.2e} (bound 1e-5)")
