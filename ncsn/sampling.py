@@ -352,8 +352,8 @@ def langevin_corrector_step_size(score: Tensor, z: Tensor, snr: float) -> Tensor
     """The Langevin corrector's step, a = (snr ||z|| / ||s||)^2 2 alpha with alpha = 1 for the
     VE SDE, each norm the batch's mean of the per-sample norms (score SDE's
     ``LangevinCorrector``: ``torch.norm(grad.reshape(B, -1), dim=-1).mean()``). The paper's
-    Algorithm 4 prints eps = 2 alpha (r ||z||_2 / ||s||_2)^2 with the norms of the whole
-    sample. ``score``, ``z``: ``(B, ...)``; returns a 0-d tensor."""
+    Algorithm 4 (VE) prints eps = 2 (r ||z||_2 / ||s||_2)^2 with the norms of the sample.
+    ``score``, ``z``: ``(B, ...)``; returns a 0-d tensor."""
     return (snr * _mean_norm(z) / _mean_norm(score)) ** 2 * 2
 
 
