@@ -29,7 +29,7 @@ from ncsn.noise import geometric_sigmas
 from ncsn.parts import ConfigError, Network, register_part
 from ncsn.sampling import (annealed_langevin, dpmpp_2m, edm_sigmas, euler, euler_ancestral,
                            heun, ipndm, langevin, predictor_corrector, probability_flow,
-                           table_subset)
+                           score_sde_sigmas, table_subset)
 
 # ``sampler(net, x_init, return_trajectory=False, progress=False, known=None)``
 Sampler = Callable[..., Tensor]
@@ -166,11 +166,21 @@ class Langevin(SamplerSpec):
         return run
 
 
+PC_GRIDS = ("score_sde", "table")
+
+
 @register_sampler
 class PredictorCorrector(SamplerSpec):
-    """Score SDE's predictor-corrector sampler for the VE SDE (Song et al. 2021, Algorithm 2),
-    NFE N (n_corrector_steps + 1); its levels geometric between the table's ends (the VE
-    SDE's discretization)."""
+    """Score SDE's predictor-corrector sampler for the VE SDE (Song et al. 2021, Algorithm 2,
+    as their code's ``get_pc_sampler`` runs it), NFE N (n_corrector_steps + 1).
+
+    The VE SDE's N discrete levels, geometric between the table's ends (the table itself
+    when ``num_steps`` is null), set the predictor's steps (``sde.discretize``). The network
+    is given, with ``grid=score_sde``, sigma(t_i) = sigma_min (sigma_max / sigma_min)^t_i at
+    t_i = linspace(1, eps, N), as the code gives a continuous-time model; with
+    ``grid=table``, the discrete levels themselves, as the code gives a discrete-time model
+    (its label round((1 - t_i)(N - 1)) = i). A network that looks sigma up in its table
+    always gets N of the table's levels."""
 
     @dataclass
     class Config(SamplerInitConfig):
@@ -178,6 +188,9 @@ class PredictorCorrector(SamplerSpec):
         num_steps: Optional[int] = None  # null: the sigma table's levels; N: N levels geometric
                                          # between its ends (networks that look sigma up: N of
                                          # the table's)
+        grid: str = "score_sde"          # score_sde: the network at sigma(t_i), t_i down to eps;
+                                         # table: at the N levels themselves
+        eps: float = 1e-5                # score SDE's last time for the VE SDE (sampling_eps)
         predictor: str = "reverse_diffusion"  # reverse_diffusion | euler_maruyama
         snr: float = 0.16                # the Langevin corrector's signal-to-noise ratio
         n_corrector_steps: int = 1
@@ -186,35 +199,63 @@ class PredictorCorrector(SamplerSpec):
     annealed = True
     inpaints = True
 
-    def sigma_grid(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
+    def problems(self, network: Network) -> list[str]:
+        found = []
+        if self.cfg.grid not in PC_GRIDS:
+            found.append(f"sampler.grid must be one of {', '.join(PC_GRIDS)}, got "
+                         f"{self.cfg.grid!r}")
+        if not 0 < self.cfg.eps < 1:
+            found.append(f"sampler.eps must be between 0 and 1, got {self.cfg.eps}")
+        return found or super().problems(network)
+
+    def predictor_table(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
+        """The VE SDE's N discrete levels, largest first: ``(N,)``."""
         return _grid(self, sigmas, network,
                      lambda hi, lo, n: geometric_sigmas(hi, lo, n, sigmas.dtype))
+
+    def sigma_grid(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
+        table = self.predictor_table(sigmas, network)
+        if self.cfg.grid == "table" or (network is not None and not network.takes_sigma_values):
+            return table
+        if self.cfg.grid != "score_sde":
+            raise ConfigError(self.problems(network)[0])
+        return score_sde_sigmas(float(sigmas[0]), float(sigmas[-1]), len(table),
+                                self.cfg.eps).to(sigmas.dtype)
 
     def nfe(self, n_levels: int) -> int:
         return (self.cfg.num_steps or n_levels) * (self.cfg.n_corrector_steps + 1)
 
     def build(self, sigmas: Tensor, network: Network | None = None) -> Sampler:
-        c, grid = self.cfg, self.sigma_grid(sigmas, network)
+        c = self.cfg
+        grid, table = self.sigma_grid(sigmas, network), self.predictor_table(sigmas, network)
         return lambda net, x, **kw: predictor_corrector(
-            net, x, grid.to(x.device), c.snr, c.n_corrector_steps, c.predictor, c.denoise, **kw)
+            net, x, grid.to(x.device), c.snr, c.n_corrector_steps, c.predictor, c.denoise,
+            table=table.to(x.device), **kw)
 
 
 @register_sampler
 class ProbabilityFlow(SamplerSpec):
-    """The probability-flow ODE (Song et al. 2021, Eq. 13) by scipy's solve_ivp: the solver
-    picks the steps, so the NFE is known only afterwards."""
+    """The probability-flow ODE (Song et al. 2021, Eq. 13) as score SDE's ``get_ode_sampler``
+    solves it: in the VE SDE's time t from 1 to eps by scipy's solve_ivp. The solver picks
+    the steps, so the NFE is known only afterwards."""
 
     @dataclass
     class Config(SamplerInitConfig):
         name: str = "ode"
-        rtol: float = 1e-5               # scipy solve_ivp's tolerances
+        rtol: float = 1e-5               # scipy solve_ivp's tolerances (score SDE's)
         atol: float = 1e-5
         method: str = "RK45"             # a solve_ivp method: RK45 | RK23 | DOP853
-        denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma_min)
+        eps: float = 1e-5                # score SDE's last time for the VE SDE (sampling_eps)
+        denoise: bool = True             # one more evaluation: x + sigma_min^2 s(x, sigma(eps))
 
     annealed = True
     inpaints = True
     fixed_known_noise = True
+
+    def problems(self, network: Network) -> list[str]:
+        if not 0 < self.cfg.eps < 1:
+            return [f"sampler.eps must be between 0 and 1, got {self.cfg.eps}"]
+        return super().problems(network)
 
     def table_only_problems(self, network: Network) -> list[str]:
         return [f"sampler=ode evaluates the network at whatever sigma the solver picks, but "
@@ -225,7 +266,7 @@ class ProbabilityFlow(SamplerSpec):
         c = self.cfg
         return lambda net, x, **kw: probability_flow(
             net, x, float(sigmas[0]), float(sigmas[-1]), c.rtol, c.atol, c.method, c.denoise,
-            **kw)
+            eps=c.eps, **kw)
 
 
 @register_sampler

@@ -312,62 +312,117 @@ def _mean_norm(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1).mean()
 
 
+# ----------------------------------------------------------------------------- score SDE's VE time
+# score_sde_pytorch runs its VE samplers in the SDE's time t in [eps, 1], sigma(t) =
+# sigma_min (sigma_max / sigma_min)^t (sde_lib.VESDE, score SDE eq. 30), down to
+# eps = 1e-5 (run_lib.py's sampling_eps for the VE SDE): its smallest level is
+# sigma(eps) = sigma_min (sigma_max / sigma_min)^1e-5, 1e-4 above sigma_min for a ratio of 5000.
+SCORE_SDE_EPS = 1e-5
+
+
+def score_sde_times(num_steps: int, eps: float = SCORE_SDE_EPS) -> Tensor:
+    """The PC sampler's times, t_i = linspace(T = 1, eps, N), in float32 as ``pc_sampler``
+    computes them: ``(N,)``. ``(t_i (N - 1)).long()``, sde.discretize's index into its
+    table, is N - 1 - i for eps = 1e-5 (tests/test_fast_samplers.py): step i goes from the
+    table's level i (largest first) to level i + 1."""
+    return torch.linspace(1, eps, num_steps)
+
+
+def ve_sigma(t: Tensor, sigma_max: float, sigma_min: float) -> Tensor:
+    """sigma(t) = sigma_min (sigma_max / sigma_min)^t (VESDE.marginal_prob's std, score SDE
+    eq. 30), in ``t``'s dtype, with the code's operations: the sigma a continuous-time VE
+    model is given (models/utils.py ``get_score_fn``: ``labels = marginal_prob(0, t)[1]``)."""
+    return sigma_min * (sigma_max / sigma_min) ** t
+
+
+def score_sde_sigmas(sigma_max: float, sigma_min: float, num_steps: int,
+                     eps: float = SCORE_SDE_EPS) -> Tensor:
+    """The sigmas score SDE's PC sampler gives a continuous-time VE network, sigma(t_i) at
+    t_i = linspace(1, eps, N): ``(N,)`` float32, largest first. Geometric like
+    :func:`ncsn.noise.geometric_sigmas` between the same ends, but its last level is
+    sigma(eps), not sigma_min."""
+    return ve_sigma(score_sde_times(num_steps, eps), sigma_max, sigma_min)
+
+
 # ----------------------------------------------------------------------------- predictor-corrector
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
+
+
+def langevin_corrector_step_size(score: Tensor, z: Tensor, snr: float) -> Tensor:
+    """The Langevin corrector's step, a = (snr ||z|| / ||s||)^2 2 alpha with alpha = 1 for the
+    VE SDE, each norm the batch's mean of the per-sample norms (score SDE's
+    ``LangevinCorrector``: ``torch.norm(grad.reshape(B, -1), dim=-1).mean()``). The paper's
+    Algorithm 4 (VE) prints eps = 2 (r ||z||_2 / ||s||_2)^2 with the norms of the sample.
+    ``score``, ``z``: ``(B, ...)``; returns a 0-d tensor."""
+    return (snr * _mean_norm(z) / _mean_norm(score)) ** 2 * 2
 
 
 @torch.no_grad()
 def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0.16,
                         n_corrector_steps: int = 1, predictor: str = "reverse_diffusion",
                         denoise: bool = True, return_trajectory: bool = False,
-                        progress: bool = False, known: Known | None = None):
+                        progress: bool = False, known: Known | None = None,
+                        table: Tensor | None = None):
     """Score SDE's predictor-corrector sampler for the VE SDE (Song et al. 2021, Algorithm 2),
-    in the order of their code's ``pc_sampler``: at each sigma_i of the grid, largest first,
-    ``n_corrector_steps`` Langevin corrector steps, then one predictor step to sigma_(i+1)
-    (sigma_N = 0). The paper's Algorithm 2 prints the predictor first and corrects at the
-    level it arrives at; the code corrects at sigma_0 and not after the last prediction.
+    as their code's ``get_pc_sampler`` runs it: at step i = 0..N-1, ``n_corrector_steps``
+    Langevin corrector steps, then one predictor step, both with the network at
+    ``sigmas[i]``. The paper's Algorithm 2 prints the predictor first and corrects at the
+    level it arrives at; the code corrects before it predicts, and not after the last step.
 
-    Corrector (their ``LangevinCorrector``): x <- x + a s + sqrt(2a) z with the
-    signal-to-noise rule a = 2 (snr ||z|| / ||s||)^2, the norms per sample averaged over the
-    batch as in the code (Algorithm 4 prints eps = 2 (r ||z|| / ||s||)^2 alpha, alpha = 1).
-    Predictor ``reverse_diffusion`` (Algorithm 2's): x <- x + (sigma_i^2 - sigma_(i+1)^2) s
-    + sqrt(sigma_i^2 - sigma_(i+1)^2) z; ``euler_maruyama`` (their ``EulerMaruyamaPredictor``
-    on the VE SDE, sigma geometric in t, dt = 1/N): the same with h = 2 sigma_i^2
-    log(sigma_0 / sigma_(N-1)) / N in place of sigma_i^2 - sigma_(i+1)^2. With ``denoise``
-    the last predictor step's mean is returned (the code's ``noise_removal``; for the
-    reverse-diffusion predictor it is Tweedie's x + sigma_(N-1)^2 s): no extra evaluation.
+    Corrector (``LangevinCorrector``): x <- x + a s + sqrt(2a) z with a from
+    :func:`langevin_corrector_step_size` (the signal-to-noise rule). Predictor
+    ``reverse_diffusion`` (``ReverseDiffusionPredictor`` with ``VESDE.discretize``, the
+    paper's eq. 47): G_i = sqrt(table_i^2 - table_(i+1)^2), table_N = 0, and
+    x <- x + G_i^2 s + G_i z. ``euler_maruyama`` (``EulerMaruyamaPredictor``: dt = 1/N,
+    g(sigma) = sigma sqrt(2 log(table_0 / table_(N-1)))): x <- x + g^2 s / N + g sqrt(1/N) z.
+    With ``denoise`` the last predictor step's mean is returned (the code's
+    ``noise_removal``; for the reverse-diffusion predictor Tweedie's x + table_(N-1)^2 s):
+    no extra evaluation.
 
-    ``x``: ``(B, ...)`` starting points, ~ N(0, sigma_0^2 I); ``sigmas``: ``(N,)`` the grid,
-    largest first. ``known(x, sigma)``, if given, is applied before every evaluation of the
-    network and to the result (inpainting). NFE: N (n_corrector_steps + 1). Snapshots: the
-    start and the end of every level.
+    ``x``: ``(B, ...)`` starting points, ~ N(0, sigma_0^2 I). ``sigmas``: ``(N,)`` the sigma
+    given to the network at each step, largest first: for a continuous-time network the
+    code's sigma(t_i) (:func:`score_sde_sigmas`), for one that looks sigma up in its table
+    the table's levels (the code's discrete-time labels, round((1 - t_i)(N - 1)) = i).
+    ``table``: ``(N,)`` the VE SDE's discrete levels (``sde.discrete_sigmas``, largest
+    first), which set the predictor's steps; None: ``sigmas``. ``known(x, sigma)``, if
+    given, is applied before every evaluation of the network and to the result
+    (inpainting). NFE: N (n_corrector_steps + 1), the code's count. Snapshots: the start
+    and the end of every step.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
     sigmas = sigmas.to(x.device, x.dtype)
-    next_sigmas = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
-    em_scale = 2 * math.log(float(sigmas[0] / sigmas[-1])) / len(sigmas)
+    table = sigmas if table is None else table.to(x.device, x.dtype)
+    if table.shape != sigmas.shape:
+        raise ValueError(f"a table of {len(table)} levels for {len(sigmas)} steps")
+    # sde.discretize: G = sqrt(sigma_k^2 - adjacent^2), the adjacent level 0 after the last
+    G = (table ** 2 - torch.cat([table[1:], table.new_zeros(1)]) ** 2).sqrt()
+    # sde.sde's diffusion sigma(t) sqrt(2 (log sigma_max - log sigma_min)), and dt = 1/N
+    em_root = torch.tensor(2 * (math.log(float(table[0])) - math.log(float(table[-1])))).sqrt()
+    n = len(sigmas)
     trajectory = [x.cpu()]
-    bar = tqdm(total=len(sigmas) * (n_corrector_steps + 1), desc="predictor-corrector",
+    bar = tqdm(total=n * (n_corrector_steps + 1), desc="predictor-corrector",
                unit="NFE", disable=quiet(progress), leave=False)
     x_mean = x
-    for sigma, sigma_next in zip(sigmas, next_sigmas):
+    for i, sigma in enumerate(sigmas):
         for _ in range(n_corrector_steps):
             x = _apply(known, x, sigma)
             score = net(x, _batch(sigma, x))
             z = randn_like(x)
-            a = 2 * (snr * _mean_norm(z) / _mean_norm(score)) ** 2
-            x = x + a * score + (2 * a).sqrt() * z
+            a = langevin_corrector_step_size(score, z, snr)
+            x = x + a * score + (a * 2).sqrt() * z
         x = _apply(known, x, sigma)
+        score = net(x, _batch(sigma, x))
         if predictor == "reverse_diffusion":
-            h = sigma ** 2 - sigma_next ** 2
+            x_mean = x + G[i] ** 2 * score
+            x = x_mean + G[i] * randn_like(x)
         else:
-            h = em_scale * sigma ** 2
-        x_mean = x + h * net(x, _batch(sigma, x))
-        x = x_mean + h.sqrt() * randn_like(x)
+            g = sigma * em_root.to(x)
+            x_mean = x + g ** 2 * score * (1 / n)
+            x = x_mean + g * math.sqrt(1 / n) * randn_like(x)
         bar.update(n_corrector_steps + 1)
         if return_trajectory:
-            trajectory.append((x_mean if denoise and sigma_next == 0 else x).cpu())
+            trajectory.append((x_mean if denoise and i == n - 1 else x).cpu())
     bar.close()
     x = _apply(known, x_mean, sigmas.new_zeros(())) if denoise else _apply(known, x, sigmas[-1])
     return (x, torch.stack(trajectory)) if return_trajectory else x
@@ -378,42 +433,55 @@ def predictor_corrector(net: ScoreNet, x: Tensor, sigmas: Tensor, snr: float = 0
 def probability_flow(net: ScoreNet, x: Tensor, sigma_max: float, sigma_min: float,
                      rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45",
                      denoise: bool = True, return_trajectory: bool = False,
-                     progress: bool = False, known: Known | None = None):
-    """The probability-flow ODE of the VE SDE, dx/dsigma = -sigma s(x, sigma) (score SDE,
-    eq. 13; EDM, eq. 4), from sigma_max down to sigma_min with scipy's adaptive
-    ``solve_ivp`` (``method`` RK45: Dormand-Prince, as score SDE's ``ode_sampler``).
+                     progress: bool = False, known: Known | None = None,
+                     eps: float = SCORE_SDE_EPS):
+    """The probability-flow ODE of the VE SDE (score SDE, eq. 13) as their code's
+    ``get_ode_sampler`` solves it: in the SDE's time t, from T = 1 to ``eps``, with scipy's
+    adaptive ``solve_ivp`` (``method`` RK45, Dormand-Prince; rtol = atol = 1e-5), where
+    sigma(t) = sigma_min (sigma_max / sigma_min)^t (:func:`ve_sigma`) and
 
-    It is solved in log sigma, dx/dlog(sigma) = -sigma^2 s(x, sigma): score SDE's time t
-    is affine in log sigma, so the solver's steps are theirs. The whole batch is one system
-    in float64, as in their code. With ``denoise``, one more evaluation at the end:
-    x + sigma_min^2 s(x, sigma_min) (Tweedie's formula, the code's final reverse-diffusion
-    step to sigma = 0).
+        dx/dt = -g(t)^2 s(x, sigma(t)) / 2,   g(t)^2 = 2 sigma(t)^2 log(sigma_max / sigma_min)
+
+    (``reverse(probability_flow=True)``). In sigma it is dx/dsigma = -sigma s(x, sigma)
+    (EDM, eq. 4), the same curve; the solver's steps depend on the variable, and t is the
+    code's. The whole batch is one system in float64 whose state is cast to ``x``'s dtype
+    for the network, as in the code. With ``denoise``, one more evaluation at the end, the
+    code's reverse-diffusion step from t = eps without its noise: x + sigma_min^2
+    s(x, sigma(eps)) (``sde.discretize`` at timestep 0: G = sigma_min; Tweedie's formula).
 
     ``x``: ``(B, ...)`` ~ N(0, sigma_max^2 I). ``known(x, sigma)``, if given, replaces the
     known entries before every evaluation and at the end (the solver's own copy of them is
-    never read). NFE: the solver's function evaluations, plus one for ``denoise``.
-    Snapshots: 50 points evenly spaced in log sigma.
+    never read). NFE: the solver's function evaluations (what the code reports), plus one
+    for ``denoise`` (which the code does not count). Snapshots: 50 times evenly spaced in t.
     """
     shape, device, dtype = x.shape, x.device, x.dtype
+    # sde.sde's diffusion g(t) = sigma(t) sqrt(2 (log sigma_max - log sigma_min))
+    root = torch.tensor(2 * (math.log(sigma_max) - math.log(sigma_min))).sqrt().to(dtype)
     bar = tqdm(desc="probability flow", unit="NFE", disable=quiet(progress), leave=False)
 
-    def velocity(log_sigma: float, y: np.ndarray) -> np.ndarray:
-        sigma = torch.tensor(math.exp(log_sigma), device=device, dtype=dtype)
-        x_t = _apply(known, torch.from_numpy(y).reshape(shape).to(device, dtype), sigma)
+    def velocity(t: float, y: np.ndarray) -> np.ndarray:
+        sigma = ve_sigma(torch.ones(shape[0], device=device, dtype=dtype) * t, sigma_max,
+                         sigma_min)                                           # (B,)
+        x_t = _apply(known, torch.from_numpy(y).reshape(shape).to(device, dtype), sigma[0])
         bar.update(1)
-        return (-sigma ** 2 * net(x_t, _batch(sigma, x_t))).double().cpu().numpy().reshape(-1)
+        g = (sigma * root).view(-1, *[1] * (x_t.dim() - 1))
+        drift = -(g ** 2 * net(x_t, sigma) * 0.5)
+        return drift.cpu().numpy().reshape(-1)
 
-    span = (math.log(sigma_max), math.log(sigma_min))
+    span = (1.0, eps)
     t_eval = np.linspace(*span, 50) if return_trajectory else None
-    solution = solve_ivp(velocity, span, x.double().cpu().numpy().reshape(-1), method=method,
+    solution = solve_ivp(velocity, span, x.cpu().numpy().reshape(-1), method=method,
                          rtol=rtol, atol=atol, t_eval=t_eval)
     if not solution.success:
         bar.close()
         raise RuntimeError(f"the probability-flow ODE solver failed: {solution.message}")
-    sigma = torch.tensor(sigma_min, device=device, dtype=dtype)
-    x = _apply(known, torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device, dtype), sigma)
+    sigma_eps = ve_sigma(torch.ones(shape[0], device=device, dtype=dtype) * eps, sigma_max,
+                         sigma_min)
+    x = _apply(known, torch.from_numpy(solution.y[:, -1]).reshape(shape).to(device, dtype),
+               sigma_eps[0])
     if denoise:
-        x = _apply(known, x + sigma ** 2 * net(x, _batch(sigma, x)), sigma.new_zeros(()))
+        G = torch.tensor(sigma_min, device=device, dtype=dtype)
+        x = _apply(known, x + G ** 2 * net(x, sigma_eps), sigma_eps.new_zeros(()))
         bar.update(1)
     bar.close()
     if not return_trajectory:

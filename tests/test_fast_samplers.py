@@ -16,7 +16,8 @@ from ncsn.generate import load_sampler, sampler_config
 from ncsn.noise import geometric_sigmas
 from ncsn.registry import ConfigError
 from ncsn.sampling import (CountingNet, KnownValues, annealed_langevin, edm_sigmas, heun,
-                           predictor_corrector, probability_flow, table_subset)
+                           langevin_corrector_step_size, predictor_corrector, probability_flow,
+                           score_sde_sigmas, score_sde_times, table_subset)
 from conftest import TINY, compose_train, run_cli
 
 SIGMA_MAX, SIGMA_MIN = 20.0, 0.01
@@ -78,10 +79,11 @@ def test_probability_flow_maps_a_gaussian_to_the_gaussian_the_ode_predicts():
     x = math.sqrt(s0 ** 2 + SIGMA_MAX ** 2) * torch.randn(2000, 3, dtype=torch.float64)
     out = probability_flow(gaussian_score(s0), x, SIGMA_MAX, SIGMA_MIN, rtol=1e-9, atol=1e-9,
                            denoise=False)
-    ratio = math.sqrt((s0 ** 2 + SIGMA_MIN ** 2) / (s0 ** 2 + SIGMA_MAX ** 2))
+    end = SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** 1e-5       # sigma(eps), where the code stops
+    ratio = math.sqrt((s0 ** 2 + end ** 2) / (s0 ** 2 + SIGMA_MAX ** 2))
     torch.testing.assert_close(out, x * ratio, rtol=1e-6, atol=1e-8)
     variance = out.var().item()
-    assert abs(variance / (s0 ** 2 + SIGMA_MIN ** 2) - 1) < 4 * math.sqrt(2 / out.numel())
+    assert abs(variance / (s0 ** 2 + end ** 2) - 1) < 4 * math.sqrt(2 / out.numel())
 
 
 def test_heun_converges_to_the_flow_with_second_order():
@@ -115,6 +117,63 @@ def test_a_table_subset_is_evenly_spaced_in_index():
         table_subset(sigmas, 11)
 
 
+# ----------------------------------------------------------------------------- score SDE's code
+def test_the_grid_is_sigma_of_the_codes_times():
+    """score SDE's PC sampler gives a continuous-time VE network sigma(t_i) = sigma_min
+    (sigma_max / sigma_min)^t_i at t_i = 1 - i (1 - eps) / (N - 1): geometric from sigma_max
+    to sigma(eps), not to sigma_min."""
+    for n in (2, 10, 1000):
+        t = 1 - torch.arange(n, dtype=torch.float64) * (1 - 1e-5) / (n - 1)
+        exact = SIGMA_MIN * (SIGMA_MAX / SIGMA_MIN) ** t
+        torch.testing.assert_close(score_sde_sigmas(SIGMA_MAX, SIGMA_MIN, n).double(), exact,
+                                   rtol=1e-6, atol=0)
+    last = score_sde_sigmas(SIGMA_MAX, SIGMA_MIN, 10)[-1].item()
+    assert last / SIGMA_MIN - 1 == pytest.approx(1e-5 * math.log(SIGMA_MAX / SIGMA_MIN), rel=1e-2)
+
+
+@pytest.mark.parametrize("n", [2, 3, 10, 999, 1000, 2000])
+def test_the_codes_discrete_index_is_the_step(n):
+    """sde.discretize takes level (t_i (N - 1)).long() of its ascending table (float32, as
+    the code computes it): N - 1 - i, so step i goes from our level i to level i + 1."""
+    index = (score_sde_times(n) * (n - 1) / 1).long()
+    assert torch.equal(index, n - 1 - torch.arange(n))
+
+
+def test_corrector_step_size_is_the_snr_rule():
+    """a = 2 (snr mean_j ||z_j|| / mean_j ||s_j||)^2: per-sample norms 3, 5 and 1, 3."""
+    score = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 3.0, 4.0, 0.0]])
+    z = torch.tensor([[0.0, 1.0, 0.0, 0.0], [2.0, 2.0, 0.0, 1.0]])
+    a = langevin_corrector_step_size(score, z, snr=0.16)
+    assert a.item() == pytest.approx(2 * (0.16 * 2 / 4) ** 2, rel=1e-6)
+
+
+def test_a_pc_chain_is_corrector_then_predictor_with_the_tables_steps():
+    """Two steps on a linear score, by hand: at step i the corrector x + a s + sqrt(2a) z
+    then the predictor x + G_i^2 s + G_i z' (G_i^2 = table_i^2 - table_(i+1)^2, table_2 = 0),
+    the network at sigmas[i]; denoise returns the last predictor mean."""
+    s0, x0 = 0.5, torch.randn(6, 3, dtype=torch.float64)
+    sigmas = torch.tensor([2.0, 0.3], dtype=torch.float64)
+    table = torch.tensor([2.1, 0.25], dtype=torch.float64)
+    score = gaussian_score(s0)
+    torch.manual_seed(3)
+    out = predictor_corrector(score, x0, sigmas, snr=0.2, table=table)
+    torch.manual_seed(3)
+    x, G2 = x0, [2.1 ** 2 - 0.25 ** 2, 0.25 ** 2]
+    for i in range(2):
+        s, z = score(x, sigmas[i].expand(6)), torch.randn_like(x)
+        a = 2 * (0.2 * z.norm(dim=1).mean() / s.norm(dim=1).mean()) ** 2
+        x = x + a * s + (2 * a).sqrt() * z
+        x_mean = x + G2[i] * score(x, sigmas[i].expand(6))
+        x = x_mean + math.sqrt(G2[i]) * torch.randn_like(x)
+    torch.testing.assert_close(out, x_mean)
+
+
+def test_pc_grid_option_is_checked():
+    with pytest.raises(ConfigError, match="sampler.grid must be one of score_sde, table"):
+        registry.check_sampler(sampler_cfg("pc", grid="edm"), OmegaConf.create(
+            {"name": "cond_mlp", "embedding": "log_sigma"}))
+
+
 # ----------------------------------------------------------------------------- NFE
 @pytest.mark.parametrize("n_steps, n_corrector", [(7, 0), (7, 1), (5, 3)])
 def test_pc_nfe_is_steps_times_corrector_steps_plus_one(n_steps, n_corrector):
@@ -138,9 +197,13 @@ def test_ode_nfe_is_the_solvers_count(denoise):
     x = math.sqrt(s0 ** 2 + SIGMA_MAX ** 2) * torch.randn(16, 2, dtype=torch.float64)
     net = CountingNet(gaussian_score(s0))
     probability_flow(net, x, SIGMA_MAX, SIGMA_MIN, rtol=1e-4, atol=1e-4, denoise=denoise)
-    velocity = lambda t, y: math.exp(2 * t) * y / (s0 ** 2 + math.exp(2 * t))
-    direct = solve_ivp(velocity, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x.numpy().ravel(),
-                       rtol=1e-4, atol=1e-4)
+    # score SDE's ODE in t: dx/dt = -sigma(t)^2 log(R) s = sigma^2 log(R) x / (s0^2 + sigma^2)
+    log_r = math.log(SIGMA_MAX / SIGMA_MIN)
+
+    def velocity(t, y):
+        var = (SIGMA_MIN * math.exp(t * log_r)) ** 2
+        return var * log_r * y / (s0 ** 2 + var)
+    direct = solve_ivp(velocity, (1.0, 1e-5), x.numpy().ravel(), rtol=1e-4, atol=1e-4)
     assert net.nfe == direct.nfev + int(denoise)
 
 
@@ -183,9 +246,12 @@ def test_table_networks_step_on_table_levels():
     registry.build_sampler(sampler_cfg("heun", num_steps=4), sigmas, values)(net, torch.randn(5, 2))
     assert seen[::2] == pytest.approx(edm_sigmas(1.0, 0.01, 4).tolist(), rel=1e-6)
     net, seen = recording_net()
-    pc = registry.build_sampler(sampler_cfg("pc", num_steps=None), sigmas, values)
+    pc = registry.build_sampler(sampler_cfg("pc", num_steps=None, grid="table"), sigmas, values)
     pc(net, torch.randn(5, 2))
     assert sorted(set(seen), reverse=True) == pytest.approx(sigmas.tolist())
+    net, seen = recording_net()
+    registry.build_sampler(sampler_cfg("pc", num_steps=None), sigmas, values)(net, torch.randn(5, 2))
+    assert seen[::2] == score_sde_sigmas(1.0, 0.01, 10).tolist()     # the code's sigma(t_i)
 
 
 def test_samplers_that_leave_the_table_refuse_table_networks():
