@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, TINY, run_cli
+from conftest import BIN, TINY, compose_train, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,22 @@ def test_sample_can_switch_sampler(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "sampler=langevin (" in output and "n_steps=10" in output
+
+
+def test_sample_changes_one_key_of_a_checkpoints_own_sampler(tmp_path):
+    # A checkpoint that samples with pc: sampler.num_steps is pc's key, checked against pc's
+    # schema (not the default annealed Langevin's), and its saved snr stays.
+    from ncsn.training import train
+
+    base = [o for o in TINY if not o.startswith("sampler.")]
+    ckpt = train(compose_train(base + ["sampler=pc", "sampler.snr=0.2", "trainer.n_steps=5"]),
+                 tmp_path / "run")
+    result = run_cli("ncsn-sample", f"ckpt={ckpt}", f"out={tmp_path}/out", "n_samples=4",
+                     "sampler.num_steps=3")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "sampler=pc (" in output and "snr=0.2" in output and "num_steps=3" in output
+    assert "NFE: 6 network evaluations per sample" in output
 
 
 def test_sample_help_shows_the_sampler_the_checkpoint_will_use(trained):

@@ -18,6 +18,33 @@ class JobFailed(RuntimeError):
     """A job of Hydra's submitit launcher failed; the message is the command's one line."""
 
 
+# ``sampler=NAME`` overrides added by :func:`compose_checkpoint_sampler`, not the user's.
+_CHECKPOINT_SAMPLER: set[str] = set()
+
+
+def compose_checkpoint_sampler(argv: list[str]) -> list[str]:
+    """``argv`` of ncsn-sample or ncsn-eval, with ``sampler=NAME`` of the checkpoint's own
+    sampler added where ``sampler.KEY=VALUE`` changes one of its keys and no ``sampler=``
+    picks another: the keys are then checked against that sampler's schema (pc's
+    ``num_steps``), not the default annealed Langevin's. The checkpoint's saved settings
+    stay (:func:`sampler_overrides` knows the added override is not the user's)."""
+    import torch
+
+    args = [a for a in argv if not a.startswith("-")]
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt=")), None)
+    keys = [a for a in args if a.lstrip("+~").startswith("sampler.")]
+    if ckpt is None or not keys or any(a.split("=", 1)[0] == "sampler" for a in args):
+        return argv
+    try:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        name = saved["config"]["sampler"]["name"]
+    except Exception:               # the checks that follow say what is wrong with the file
+        return argv
+    override = f"sampler={name}"
+    _CHECKPOINT_SAMPLER.add(override)
+    return [*argv, override]
+
+
 def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict | None]:
     """From the command line's overrides: the sampler keys set one by one, and the whole
     sampler config (a plain dict) when ``sampler=NAME`` picked another one. The
@@ -27,6 +54,8 @@ def sampler_overrides(cfg: DictConfig, overrides: list[str]) -> tuple[dict, dict
     keys, replaced = {}, None
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
+        if override in _CHECKPOINT_SAMPLER:
+            continue
         if key == "sampler":
             replaced = OmegaConf.to_container(cfg.sampler)
         elif key.startswith("sampler."):

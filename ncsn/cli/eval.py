@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ncsn.cli.common import (print_help, run_cli, run_over_ranks,
+from ncsn.cli.common import (compose_checkpoint_sampler, print_help, run_cli, run_over_ranks,
                              sampler_overrides)
 from ncsn.cli.precheck import check_ckpt_given, check_keys, precheck
 from ncsn.config import config_dir, register_configs
@@ -39,13 +39,14 @@ def _main(cfg: DictConfig) -> None:
 
 def _check_request(cfg: DictConfig) -> None:
     """What to score is named, and a checkpoint named exists: before the run's folder."""
-    from ncsn.evaluate.runner import check_request   # the metrics' imports: not for --help
+    from ncsn.evaluate.runner import check_request  # the metrics' imports: not for --help
 
     check_request(cfg)
     check_ckpt_given(cfg)
 
 
 def main() -> None:
+    sys.argv[1:] = compose_checkpoint_sampler(sys.argv[1:])
     # `ncsn-eval stats ...` is the sub-command for reference statistics: mode=stats for Hydra
     if len(sys.argv) > 1 and sys.argv[1] == "stats":
         sys.argv[1] = "mode=stats"

@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ncsn.cli.common import (print_help, run_cli, run_over_ranks,
+from ncsn.cli.common import (compose_checkpoint_sampler, print_help, run_cli, run_over_ranks,
                              sampler_overrides)
 from ncsn.cli.precheck import check_ckpt_given, check_keys, precheck
 from ncsn.config import config_dir, register_configs
@@ -40,6 +40,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    sys.argv[1:] = compose_checkpoint_sampler(sys.argv[1:])
     if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
         print_help("ncsn-sample", "sample", "draw samples from a checkpoint. Example: "
                    "ncsn-sample ckpt=RUN/checkpoints/last.pt out=DIR n_samples=5000",
