@@ -97,6 +97,24 @@ def load_reference_config(path: str | os.PathLike) -> dict:
 
 
 # ============================================================ the checkpoint file
+def read_foreign_checkpoint(path: Path, what: str):
+    """The contents of another code's checkpoint ``path``, read as data
+    (``torch.load(weights_only=True)``); a missing file, one torch cannot read that way, or an
+    ncsn checkpoint is one line (``what``: "a score_sde checkpoint", for the message)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        states = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]   # whole
+        raise ReferenceFormatError(f"cannot read {path} with torch.load(weights_only=True): "
+                                   f"not {what} ({reason})") from None
+    if isinstance(states, dict) and states.get("format") == FORMAT:
+        raise ReferenceFormatError(f"{path} is already an ncsn checkpoint; pass it to "
+                                   f"ncsn-sample or ncsn-eval as it is")
+    return states
+
+
 def load_reference_checkpoint(path: str | os.PathLike) -> dict:
     """Read a reference checkpoint with ``torch.load(weights_only=True)``.
 
@@ -104,17 +122,7 @@ def load_reference_checkpoint(path: str | os.PathLike) -> dict:
     or None, "step": int}``; any other content is a :class:`ReferenceFormatError`.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        states = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ReferenceFormatError(f"cannot read {path} with torch.load(weights_only=True): "
-                                   f"not a reference checkpoint ({reason})") from None
-    if isinstance(states, dict) and states.get("format") == FORMAT:
-        raise ReferenceFormatError(f"{path} is already an ncsn checkpoint; pass it to "
-                                   f"ncsn-sample or ncsn-eval as it is")
+    states = read_foreign_checkpoint(path, "a reference checkpoint")
     layout = _layout(states)
     if layout is None:
         raise ReferenceFormatError(

@@ -34,7 +34,7 @@ from ncsn.data.images import IMAGE_DATASETS
 from ncsn.nets.ncsnpp import NCSNppConfig, from_score_sde, score_sde_keys
 from ncsn.noise import geometric_sigmas
 from ncsn.objectives import AnnealedDSM
-from ncsn.reference import ReferenceFormatError, _describe, _is_state
+from ncsn.reference import ReferenceFormatError, _describe, _is_state, read_foreign_checkpoint
 from ncsn.registry import ConfigError
 from ncsn.samplers import PredictorCorrector
 
@@ -339,18 +339,7 @@ def load_score_sde_checkpoint(path: str | os.PathLike) -> dict:
     """run_lib.py's checkpoint, read with ``torch.load(weights_only=True)``:
     ``{"model": state dict, "shadow": list of tensors, "step": int}``; anything else is a
     one-line :class:`ReferenceFormatError`."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        states = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise ReferenceFormatError(f"cannot read {path} with torch.load(weights_only=True): "
-                                   f"not a score_sde checkpoint ({reason})") from None
-    if isinstance(states, dict) and states.get("format") == FORMAT:
-        raise ReferenceFormatError(f"{path} is already an ncsn checkpoint; pass it to "
-                                   f"ncsn-sample or ncsn-eval as it is")
+    states = read_foreign_checkpoint(Path(path).expanduser(), "a score_sde checkpoint")
     expected = ("expected run_lib.py's {'optimizer', 'model', 'ema', 'step'} with the network's "
                 "state dict under 'model' and the EMA's state dict under 'ema'")
     if not (isinstance(states, dict) and _is_state(states.get("model"))
