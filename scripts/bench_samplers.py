@@ -5,13 +5,17 @@ docs/samplers.png.
     python scripts/bench_samplers.py [--swiss-ckpt RUN/checkpoints/last.pt]
                                      [--digits-ckpt RUN/checkpoints/last.pt]
                                      [--n-swiss 2000] [--n-digits 300] [--swiss-seeds 3]
+                                     [--digits-seeds 3] [--only LABEL ...]
                                      [--json docs/samplers.json] [--render-only]
 
 Without a checkpoint the script trains one with the setup's experiment file
 (``experiment=swissroll``, ``experiment=digits``). Each sampler runs on one batch of
 ``n`` samples per seed, on one CPU thread: annealed Langevin with the checkpoint's own
-settings (the setup's budget), EDM's Heun sampler (deterministic, and one stochastic
-setting), score SDE's predictor-corrector and the probability-flow ODE at several budgets.
+settings (the setup's budget), the few-step solvers (euler, euler_ancestral, dpmpp_2m, ipndm)
+at 5, 10, 20 and 35 NFE, EDM's Heun sampler (deterministic, and stochastic settings), score
+SDE's predictor-corrector and the probability-flow ODE at several budgets. The digits run
+``--digits-seeds`` batches per setting (mean and std over them), and the page judges issue
+16's target: a solver at 10 NFE within the seeds' noise of annealed Langevin, at 20 better.
 Quality: the sliced Wasserstein distance to fresh Swiss-roll points (lower is better; its
 noise floor is the distance between two fresh sets of the same size) and, on the digits, the
 Frechet distance in the digits classifier's feature space to the 360 held-out digits and the
@@ -46,8 +50,14 @@ REPO = Path(__file__).resolve().parents[1]
 COMMAND = "OMP_NUM_THREADS=1 python scripts/bench_samplers.py"
 
 # (label, sampler config replacing the checkpoint's; None: the checkpoint's own sampler)
+SOLVERS = ("euler", "euler_ancestral", "dpmpp_2m", "ipndm")     # NFE = num_steps
+SOLVER_NFE = (5, 10, 20, 35)
 SETTINGS = (
     [("annealed_langevin", None)]
+    + [(f"{name} N={n}", {"name": name, "num_steps": n, "schedule": "karras"})
+       for name in SOLVERS for n in SOLVER_NFE]
+    + [(f"dpmpp_2m N={n} log_uniform", {"name": "dpmpp_2m", "num_steps": n,
+                                        "schedule": "log_uniform"}) for n in (10, 20)]
     + [(f"heun N={n}", {"name": "heun", "num_steps": n}) for n in (3, 4, 6, 10, 18, 30)]
     + [("heun N=18 S_churn=10", {"name": "heun", "num_steps": 18, "S_churn": 10.0})]
     # EDM's stochastic settings at <= 42 NFE: gamma_i = min(S_churn / N, sqrt(2) - 1), so
@@ -70,9 +80,22 @@ SETTINGS = (
 # ----------------------------------------------------------------------------- checkpoints
 REAL_SUBSETS = 5                    # random sets of real digits that measure the FID's noise
 
+# experiment=digits key by key (its file sets loss.anneal_power, which loss=edm has not)
+DIGITS_KEYS = ["dataset=digits", "model=unet_small", "noise=geometric",
+               "sampler=annealed_langevin", "dataset.image_size=8", "noise.sigma_begin=auto",
+               "noise.sigma_end=0.01", "noise.num_scales=auto", "optim.lr=2.0e-3",
+               "optim.warmup=100", "optim.schedule=cosine", "trainer.n_steps=2000",
+               "trainer.batch_size=128", "trainer.ema=true", "trainer.ema_rate=0.995",
+               "trainer.ckpt_every=1000", "trainer.sample_every=1000",
+               "trainer.n_plot_samples=64", "sampler.step_lr=1.0e-5", "sampler.n_steps_each=20",
+               "sampler.denoise=true", "sampler.init=uniform", "sampler.init_low=0.0",
+               "sampler.init_high=1.0"]
+
 # setup -> the training overrides of its checkpoint
 SETUPS = {"swiss": ["experiment=swissroll"], "digits": ["experiment=digits"],
-          "digits_continuous": ["experiment=digits", "noise.continuous=true"]}
+          "digits_continuous": ["experiment=digits", "noise.continuous=true"],
+          "digits_edm": [*DIGITS_KEYS, "loss=edm", "model.precond=edm",
+                         "model.scale_by_sigma=false"]}
 
 
 def train_experiment(overrides: list[str], run_dir: Path) -> Path:
@@ -148,9 +171,10 @@ def swiss_rows(ckpt: dict, n: int, seeds: int, result: dict, save,
 
 
 def digits_rows(ckpt: dict, n: int, result: dict, save,
-                only: list[str] | None = None, seed: int = 0) -> None:
-    """Every setting, one batch, into ``result``: classifier-feature FID to the held-out
-    digits, confidence; ``save()`` after every row."""
+                only: list[str] | None = None, seed: int = 0, seeds: int = 1) -> None:
+    """Every setting, one batch per seed (seeds ``seed`` ... ``seed + seeds - 1``), into
+    ``result``: classifier-feature FID to the held-out digits and confidence, mean and std
+    over the seeds; ``save()`` after every row."""
     net = model_from_checkpoint(ckpt)
     classifier = load_digits_classifier()
     train_split, _, heldout, _ = digits_split()
@@ -158,20 +182,27 @@ def digits_rows(ckpt: dict, n: int, result: dict, save,
     subsets = [torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))[:n]
                for seed in range(REAL_SUBSETS)]
     real = [digits_metrics(train_split[index], classifier) for index in subsets]
-    result.update(checkpoint=describe(ckpt), n=n, seed=seed,
+    result.update(checkpoint=describe(ckpt), n=n, seed=seed, seeds=seeds,
                   real={"fid": _mean_std([r["fid"] for r in real]),
                         "confidence": _mean([r["confidence"] for r in real])},
                   between_levels=between_levels(net, ckpt["sigmas"], train_split[subsets[0]]))
     save()
     for label, replace in settings(only):
-        x, nfe, seconds = draw(ckpt, net, replace, n, seed)
-        scores = digits_metrics(x.float(), classifier)
-        row = {"sampler": label, "nfe": nfe, "fid": scores["fid"],
-               "confidence": scores["confidence"], "seconds": seconds,
-               "classes": int((torch.tensor(scores["histogram"]) > 0).sum())}
+        runs = [draw(ckpt, net, replace, n, s) for s in range(seed, seed + seeds)]
+        scores = [digits_metrics(x.float(), classifier) for x, _, _ in runs]
+        row = {"sampler": label, "nfe": _mean([r[1] for r in runs]),
+               "fid": _mean_std([s["fid"] for s in scores]),
+               "confidence": _mean_std([s["confidence"] for s in scores]),
+               "seconds": _mean([r[2] for r in runs]),
+               "classes": min(int((torch.tensor(s["histogram"]) > 0).sum()) for s in scores)}
         add_row(result, row)
         _print_row("digits", row)
         save()
+
+
+def _ms(value) -> tuple[float, float]:
+    """(mean, std) of a row's value: [mean, std] over seeds, or one batch's number (std 0)."""
+    return (value[0], value[1]) if isinstance(value, list) else (value, 0.0)
 
 
 @torch.no_grad()
@@ -248,15 +279,51 @@ def digits_verdict(result: dict) -> str:
     langevin, budget, cheap = within_budget(result)
     if not cheap:
         return f"no sampler setting ran at <= {budget:g} NFE"
-    best = min(cheap, key=lambda r: r["fid"])
-    met = best["fid"] <= langevin["fid"] and best["confidence"] >= langevin["confidence"]
-    return (f"**{'met' if met else 'not met'}** on seed {result.get('seed', 0)}'s batch: "
+    best = min(cheap, key=lambda r: _ms(r["fid"])[0])
+    met = _ms(best["fid"])[0] <= _ms(langevin["fid"])[0] and \
+        _ms(best["confidence"])[0] >= _ms(langevin["confidence"])[0]
+    return (f"**{'met' if met else 'not met'}** (means over {result.get('seeds', 1)} seed(s)): "
             f"{best['sampler']} at {best['nfe']:.0f} NFE "
             f"(<= {budget:g}, one tenth of annealed Langevin's {langevin['nfe']:.0f}) has "
-            f"feature FID {best['fid']:.2f} and confidence {best['confidence']:.3f} against "
-            f"annealed Langevin's {langevin['fid']:.2f} and {langevin['confidence']:.3f} "
+            f"feature FID {_ms(best['fid'])[0]:.2f} and confidence "
+            f"{_ms(best['confidence'])[0]:.3f} against annealed Langevin's "
+            f"{_ms(langevin['fid'])[0]:.2f} and {_ms(langevin['confidence'])[0]:.3f} "
             f"(real training digits: {_real_fid(result)} and "
             f"{result['real']['confidence']:.3f} on the same number of images)")
+
+
+def solver_noise(result: dict, a: dict, b: dict) -> float:
+    """The standard error of the difference of two rows' mean FIDs over the seeds."""
+    seeds = result.get("seeds", 1)
+    return math.sqrt(_ms(a["fid"])[1] ** 2 + _ms(b["fid"])[1] ** 2) / math.sqrt(seeds)
+
+
+def solver_verdict(result: dict) -> list[str]:
+    """Issue 16's target: a solver (euler, euler_ancestral, dpmpp_2m, ipndm) at 10 NFE within
+    the noise of annealed Langevin at its own budget, and at 20 NFE clearly better (lower FID
+    by more than twice the standard error of the difference)."""
+    langevin = result["rows"][0]
+    lines = []
+    for nfe, want in ((10, "as good"), (20, "clearly better")):
+        rows = [r for r in result["rows"][1:] if family(r["sampler"]) in SOLVERS
+                and round(r["nfe"]) == nfe]
+        if not rows:
+            lines.append(f"- {nfe} NFE: no solver row")
+            continue
+        best = min(rows, key=lambda r: _ms(r["fid"])[0])
+        noise = solver_noise(result, langevin, best)
+        gap = _ms(best["fid"])[0] - _ms(langevin["fid"])[0]
+        met = gap <= 2 * noise if want == "as good" else gap < -2 * noise
+        lines.append(
+            f"- {nfe} NFE, {want}: **{'met' if met else 'not met'}**: the best solver, "
+            f"{best['sampler']}, has feature FID {_ms(best['fid'])[0]:.2f} +- "
+            f"{_ms(best['fid'])[1]:.2f} (confidence {_ms(best['confidence'])[0]:.3f}) against "
+            f"annealed Langevin's {_ms(langevin['fid'])[0]:.2f} +- "
+            f"{_ms(langevin['fid'])[1]:.2f} ({_ms(langevin['confidence'])[0]:.3f}) at "
+            f"{langevin['nfe']:.0f} NFE: a difference of {gap:+.2f}, the standard error of the "
+            f"difference of the means over {result.get('seeds', 1)} seeds {noise:.2f} "
+            f"(criterion: {'<= +2' if want == 'as good' else '< -2'} standard errors)")
+    return lines
 
 
 # ----------------------------------------------------------------------------- report
@@ -282,7 +349,11 @@ def render(results: dict, page: Path, plot: Path) -> None:
         "Heun: EDM's Algorithm 1 (2N - 1 NFE; `S_churn > 0`: Algorithm 2); pc: score SDE's",
         "predictor-corrector, reverse-diffusion predictor and one Langevin corrector step",
         "(snr 0.16; 2N NFE); ode: the probability-flow ODE by scipy's RK45, rtol = atol",
-        "(adaptive NFE, +1 for the denoising step).",
+        "(adaptive NFE, +1 for the denoising step). euler, euler_ancestral, dpmpp_2m, ipndm:",
+        "k-diffusion's Euler, Euler ancestral (eta 1) and DPM-Solver++(2M) and diff-sampler's",
+        "iPNDM (order up to 4), N = NFE levels on EDM's rho = 7 schedule (`karras`; dpmpp_2m",
+        "also on the geometric one, `log_uniform`) between the table's ends. Settings missing",
+        "from a table were not run in this round (see the notes under it).",
         "",
         f"![quality against NFE]({plot.name})",
         "",
@@ -314,7 +385,9 @@ def swiss_section(result: dict) -> list[str]:
 
 DIGITS_TITLES = {"digits": "Digits (`experiment=digits`)",
                  "digits_continuous": "Digits, continuous σ training "
-                                      "(`experiment=digits noise.continuous=true`)"}
+                                      "(`experiment=digits noise.continuous=true`)",
+                 "digits_edm": "Digits, EDM's preconditioning and loss (experiment=digits's "
+                               "keys with `model.precond=edm loss=edm model.scale_by_sigma=false`)"}
 
 
 def digits_section(result: dict, title: str) -> list[str]:
@@ -322,17 +395,22 @@ def digits_section(result: dict, title: str) -> list[str]:
              f"Checkpoint: {result['checkpoint']}. Quality: the Frechet distance in the digits "
              f"classifier's feature space between {result['n']} samples and the 360 held-out "
              f"digits (lower is better), the classifier's mean confidence (higher is better) "
-             f"and the classes it sees; one batch, seed {result.get('seed', 0)}. For scale "
-             f"and noise, "
+             f"and the classes it sees (the fewest over the seeds); mean +- standard "
+             f"deviation over {result.get('seeds', 1)} batches (seeds {result.get('seed', 0)} "
+             f"to {result.get('seed', 0) + result.get('seeds', 1) - 1}). For scale and noise, "
              f"{result['n']} real training digits ({REAL_SUBSETS} random sets): FID "
              f"{_real_fid(result)}, confidence {result['real']['confidence']:.3f}.", "",
              "| sampler | NFE | feature FID | confidence | classes | wall time (s) |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['sampler']} | {r['nfe']:.0f} | {r['fid']:.2f} | "
-                     f"{r['confidence']:.3f} | {r['classes']} | {r['seconds']:.1f} |")
+        fid, conf = _ms(r["fid"]), _ms(r["confidence"])
+        lines.append(f"| {r['sampler']} | {r['nfe']:.0f} | {fid[0]:.2f} +- {fid[1]:.2f} | "
+                     f"{conf[0]:.3f} +- {conf[1]:.3f} | {r['classes']} | "
+                     f"{r['seconds']:.1f} |")
     lines += ["", f"Target (one tenth of annealed Langevin's NFE, at least its quality): "
                   f"{digits_verdict(result)}.", ""]
+    lines += ["Issue 16's target for the solvers (the best of euler, euler_ancestral, "
+              "dpmpp_2m, ipndm at that NFE):", "", *solver_verdict(result), ""]
     lines += other_seeds_section(result)
     if "between_levels" in result:
         lines += ["Between the table's levels: the denoising error E|sigma s(x + sigma z, "
@@ -349,7 +427,7 @@ def digits_section(result: dict, title: str) -> list[str]:
 def other_seeds_section(result: dict) -> list[str]:
     """The settings also run at other seeds (``--merge-seeds``): FID per seed, mean, std."""
     others = result.get("other_seeds", {})
-    if not others:
+    if not others or isinstance(result["rows"][0]["fid"], list):
         return []
     seeds = [result.get("seed", 0), *sorted(others, key=int)]
     by_seed = {str(result.get("seed", 0)): result["rows"], **others}
@@ -374,7 +452,8 @@ def plot_results(results: dict, path: Path) -> None:
     plt = viz.plt
     panels = [(setup, key, title) for setup, key, title in (
         ("swiss", "swd", "Swiss roll: SWD"), ("digits", "fid", "digits: feature FID"),
-        ("digits_continuous", "fid", "digits, continuous sigma: feature FID"))
+        ("digits_continuous", "fid", "digits, continuous sigma: feature FID"),
+        ("digits_edm", "fid", "digits, EDM precond + loss: feature FID"))
         if setup in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (setup, key, title) in zip(axes[0], panels):
@@ -382,7 +461,8 @@ def plot_results(results: dict, path: Path) -> None:
         value = lambda r: r[key][0] if isinstance(r[key], list) else r[key]    # noqa: E731
         for name in dict.fromkeys(family(r["sampler"]) for r in rows[1:]):
             chosen = [r for r in rows[1:] if family(r["sampler"]) == name
-                      and "S_churn" not in r["sampler"] and not r["sampler"].endswith("table")]
+                      and "S_churn" not in r["sampler"] and not r["sampler"].endswith("table")
+                      and "log_uniform" not in r["sampler"]]
             if chosen:
                 ax.plot([r["nfe"] for r in chosen], [value(r) for r in chosen], "o-",
                         label=name)
@@ -432,6 +512,8 @@ def main() -> None:
     parser.add_argument("--digits-ckpt", type=Path)
     parser.add_argument("--digits-continuous-ckpt", type=Path,
                         help="a digits run trained with noise.continuous=true")
+    parser.add_argument("--digits-edm-ckpt", type=Path,
+                        help="a digits run trained with model.precond=edm loss=edm")
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--only", nargs="*", help="run these settings only (labels), keeping "
                         "the other rows of --json")
@@ -440,6 +522,8 @@ def main() -> None:
     parser.add_argument("--n-digits", type=int, default=300)
     parser.add_argument("--digits-seed", type=int, default=0,
                         help="the digits' sampling seed (another seed: another --json)")
+    parser.add_argument("--digits-seeds", type=int, default=3,
+                        help="batches per setting on the digits (seeds --digits-seed on)")
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "samplers.json")
     parser.add_argument("--page", type=Path, default=REPO / "docs" / "SAMPLERS.md")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "samplers.png")
@@ -467,7 +551,8 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 
     given = {"swiss": args.swiss_ckpt, "digits": args.digits_ckpt,
-             "digits_continuous": args.digits_continuous_ckpt}
+             "digits_continuous": args.digits_continuous_ckpt,
+             "digits_edm": args.digits_edm_ckpt}
     with tempfile.TemporaryDirectory() as tmp:
         for setup in args.setups:
             path = given[setup] or train_experiment(SETUPS[setup], Path(tmp) / setup)
@@ -477,7 +562,7 @@ def main() -> None:
                            args.only)
             else:
                 digits_rows(load_checkpoint(path), args.n_digits, result, save, args.only,
-                            args.digits_seed)
+                            args.digits_seed, args.digits_seeds)
     render(results, args.page, args.plot)
     print(f"wrote {args.page}, {args.plot}, {args.json}")
 
