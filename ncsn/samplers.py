@@ -307,7 +307,7 @@ class Heun(SamplerSpec):
 
 
 # ----------------------------------------------------------------------------- few-step solvers
-SCHEDULES = ("karras", "log_uniform")
+SCHEDULES = ("karras", "log_uniform", "table")
 
 
 @dataclass
@@ -315,7 +315,9 @@ class SolverConfig(SamplerInitConfig):
     """What the few-step solvers share: ``num_steps`` levels between the table's ends, then
     sigma = 0, one network evaluation at each level."""
     num_steps: int = 10              # N levels, N network evaluations (NFE)
-    schedule: str = "karras"         # karras: EDM's rho schedule | log_uniform: geometric
+    schedule: str = "karras"         # karras: EDM's rho schedule | log_uniform: geometric |
+                                     # table: num_steps of the table's own levels (a network
+                                     # trained on the table only is accurate there alone)
     rho: float = 7.0                 # karras: EDM's (and k-diffusion's) rho
 
 
@@ -340,11 +342,18 @@ class Solver(SamplerSpec):
         return self.schedule_problems() or super().problems(network)
 
     def table_only_problems(self, network: Network) -> list[str]:
+        if self.cfg.schedule == "table":
+            return []
         return [f"sampler={self.name} evaluates the network between its table's levels, but "
-                f"{network.table_only}; use sampler=heun or sampler=pc (they step on the "
-                f"table's levels), or {network.alternative}"]
+                f"{network.table_only}; use sampler.schedule=table (it steps on the table's "
+                f"levels), sampler=heun or sampler=pc, or {network.alternative}"]
 
     def sigma_grid(self, sigmas: Tensor, network: Network | None = None) -> Tensor:
+        if self.cfg.schedule == "table":
+            try:
+                return table_subset(sigmas, self.cfg.num_steps)
+            except ValueError as err:
+                raise ConfigError(f"sampler={self.name}: {err} (sampler.num_steps)") from None
         if self.cfg.schedule == "log_uniform":
             return _grid(self, sigmas, network,
                          lambda hi, lo, n: geometric_sigmas(hi, lo, n, sigmas.dtype))

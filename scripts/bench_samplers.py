@@ -58,6 +58,9 @@ SETTINGS = (
        for name in SOLVERS for n in SOLVER_NFE]
     + [(f"dpmpp_2m N={n} log_uniform", {"name": "dpmpp_2m", "num_steps": n,
                                         "schedule": "log_uniform"}) for n in (10, 20)]
+    # the table's own levels: a network trained on the table alone is accurate there only
+    + [(f"{name} N={n} table", {"name": name, "num_steps": n, "schedule": "table"})
+       for name in SOLVERS for n in (10, 20)]
     + [(f"heun N={n}", {"name": "heun", "num_steps": n}) for n in (3, 4, 6, 10, 18, 30)]
     + [("heun N=18 S_churn=10", {"name": "heun", "num_steps": 18, "S_churn": 10.0})]
     # EDM's stochastic settings at <= 42 NFE: gamma_i = min(S_churn / N, sqrt(2) - 1), so

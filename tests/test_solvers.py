@@ -132,7 +132,9 @@ def test_nfe_is_num_steps_and_is_planned(name, n):
 
 @pytest.mark.parametrize("schedule, grid", [
     ("karras", lambda: edm_sigmas(2.0, 0.01, 6, rho=5.0)),
-    ("log_uniform", lambda: geometric_sigmas(2.0, 0.01, 6))])
+    ("log_uniform", lambda: geometric_sigmas(2.0, 0.01, 6)),
+    # table: 6 of the 20 table levels, evenly spaced in index, the ends included
+    ("table", lambda: geometric_sigmas(2.0, 0.01, 20)[[0, 4, 8, 11, 15, 19]])])
 def test_a_composed_solver_steps_on_its_schedule_between_the_tables_ends(schedule, grid):
     cfg = compose_train(BASE + ["sampler=dpmpp_2m", "sampler.num_steps=6",
                                 f"sampler.schedule={schedule}", "sampler.rho=5"])
@@ -156,7 +158,7 @@ def test_solver_configs_compose_with_their_keys_and_refuse_bad_values():
         compose_train(BASE + ["sampler=euler_ancestral", "sampler.etaa=0.5"])
     bad = compose_train(BASE + ["sampler=euler", "sampler.schedule=cosine"])
     assert registry.part_problems(bad) == [
-        "sampler.schedule must be one of karras, log_uniform, got 'cosine'"]
+        "sampler.schedule must be one of karras, log_uniform, table, got 'cosine'"]
     bad = compose_train(BASE + ["sampler=ipndm", "sampler.max_order=5"])
     assert registry.part_problems(bad) == ["sampler.max_order must be 1 to 4, got 5"]
     with pytest.raises(ConfigError, match="num_steps"):
@@ -170,11 +172,15 @@ def test_a_table_network_given_a_solver_is_refused_in_one_line(name):
     assert problems == [
         f"sampler={name} evaluates the network between its table's levels, but "
         f"model=cond_mlp (embedding=multiplicative) can only look sigma up in its table; use "
-        f"sampler=heun or sampler=pc (they step on the table's levels), or "
-        f"model.embedding=log_sigma"]
+        f"sampler.schedule=table (it steps on the table's levels), sampler=heun or "
+        f"sampler=pc, or model.embedding=log_sigma"]
     with pytest.raises(ConfigError) as err:
         precheck.check_train(cfg)
     assert "\n" not in str(err.value)
+    # On the table's own levels the same network is served.
+    assert registry.part_problems(compose_train(
+        BASE + [f"sampler={name}", "model.embedding=multiplicative", "sampler.schedule=table",
+                "sampler.num_steps=5"])) == []
     with pytest.raises(ConfigError, match="or model=ncsnv2 or model=unet$"):
         registry.check_sampler(sampler_cfg(name), OmegaConf.create({"name": "ncsn"}))
 
