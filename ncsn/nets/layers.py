@@ -423,3 +423,21 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def check_levels(shape, ch_mult, attn_resolutions, network: str, this: str) -> None:
+    """A U-Net-shaped network's levels fit the image: ``len(ch_mult)`` levels halve it
+    ``len(ch_mult) - 1`` times, and attention sits at resolutions it has. ``network`` and
+    ``this`` name it in the messages ("a U-Net", "this U-Net")."""
+    if not ch_mult:
+        raise ValueError("ch_mult needs at least one level")
+    factor = 2 ** (len(ch_mult) - 1)
+    if shape[1] % factor or shape[2] % factor:
+        raise ValueError(f"{network} with {len(ch_mult)} levels halves the image "
+                         f"{len(ch_mult) - 1} times: H and W must be divisible by {factor}, "
+                         f"got shape {tuple(shape)}")
+    heights = [shape[1] // 2 ** i for i in range(len(ch_mult))]
+    unused = sorted(set(attn_resolutions) - set(heights))
+    if unused:
+        raise ValueError(f"attn_resolutions {unused} are not among {this}'s "
+                         f"resolutions {heights} (image height {shape[1]}, ch_mult {ch_mult})")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.nets.layers import GaussianFourierProjection, group_norm
+from ncsn.nets.layers import GaussianFourierProjection, check_levels, group_norm
 from ncsn.noise import sigma_index
 
 
@@ -541,18 +541,7 @@ def _check_arguments(shape, ch_mult, attn, resblock_type, progressive, progressi
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     if embedding_type == "positional" and sigmas is None:
         raise ValueError("embedding_type='positional' embeds sigma's index: it needs sigmas")
-    if not ch_mult:
-        raise ValueError("ch_mult needs at least one level")
-    factor = 2 ** (len(ch_mult) - 1)
-    if shape[1] % factor or shape[2] % factor:
-        raise ValueError(f"NCSN++ with {len(ch_mult)} levels halves the image "
-                         f"{len(ch_mult) - 1} times: H and W must be divisible by {factor}, "
-                         f"got shape {tuple(shape)}")
-    heights = [shape[1] // 2 ** i for i in range(len(ch_mult))]
-    unused = sorted(attn - set(heights))
-    if unused:
-        raise ValueError(f"attn_resolutions {unused} are not among this network's "
-                         f"resolutions {heights} (image height {shape[1]}, ch_mult {ch_mult})")
+    check_levels(shape, ch_mult, attn, "NCSN++", "this network")
 
 
 def _down_path(parts: _Parts, ch_mult: List[int], num_res_blocks: int, heights: List[int],

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.nets.layers import (AttentionBlock, Downsample, GaussianFourierProjection,
-                              ResBlock, SinusoidalEmbedding, Upsample, conv3x3, group_norm,
+from ncsn.nets.layers import (AttentionBlock, Downsample, GaussianFourierProjection, ResBlock,
+                              SinusoidalEmbedding, Upsample, check_levels, conv3x3, group_norm,
                               zero_init)
 
 
@@ -125,18 +125,7 @@ def _check_arguments(shape: tuple[int, int, int], ch_mult: List[int],
                      attn_resolutions: List[int], embedding: str) -> None:
     if embedding not in ("fourier", "sinusoidal"):
         raise ValueError(f"embedding must be 'fourier' or 'sinusoidal', got {embedding!r}")
-    if not ch_mult:
-        raise ValueError("ch_mult needs at least one level")
-    factor = 2 ** (len(ch_mult) - 1)
-    if shape[1] % factor or shape[2] % factor:
-        raise ValueError(f"a U-Net with {len(ch_mult)} levels halves the image "
-                         f"{len(ch_mult) - 1} times: H and W must be divisible by {factor}, "
-                         f"got shape {tuple(shape)}")
-    heights = [shape[1] // 2 ** i for i in range(len(ch_mult))]
-    unused = sorted(set(attn_resolutions) - set(heights))
-    if unused:
-        raise ValueError(f"attn_resolutions {unused} are not among this U-Net's "
-                         f"resolutions {heights} (image height {shape[1]}, ch_mult {ch_mult})")
+    check_levels(shape, ch_mult, attn_resolutions, "a U-Net", "this U-Net")
 
 
 def _noise_embedding(embedding: str, dim: int, fourier_scale: float) -> nn.Module:
