@@ -150,3 +150,28 @@ def test_a_part_is_named_by_the_option_the_command_line_picked():
         assert chosen_name("loss", cfg.loss.name) == cfg.loss.name
     finally:
         HydraConfig.instance().cfg = None
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_an_experiment_takes_another_loss_and_sampler_with_their_own_defaults(name):
+    # An experiment's sampler settings (configs/setup/sampler/EXPERIMENT/) are for the sampler
+    # it names: swapped on the command line, the other sampler and loss compose with their
+    # own defaults instead of failing on the experiment's keys.
+    own = compose_train([f"experiment={name}"])
+    loss = "anneal_dsm" if own.loss.name == "edm" else "edm"
+    sampler = "annealed_langevin" if own.sampler.name == "dpmpp_2m" else "dpmpp_2m"
+    swapped = compose_train([f"experiment={name}", f"loss={loss}", f"sampler={sampler}"])
+    assert swapped.loss == compose_train([f"loss={loss}"]).loss
+    if sampler == "dpmpp_2m":
+        assert swapped.sampler == compose_train([f"sampler={sampler}"]).sampler
+    assert swapped.model == own.model and swapped.trainer == own.trainer
+
+
+def test_an_experiments_sampler_settings_reach_its_own_sampler():
+    assert compose_train(["experiment=ncsnv2_bedroom"]).sampler.step_lr == 1.8e-6
+    assert compose_train(["experiment=ncsnv2_tower"]).sampler.step_lr == 1.8e-6
+    assert compose_train(["experiment=ncsn_celeba"]).sampler.n_steps_each == 100
+    assert compose_train(["experiment=ncsnpp_church"]).sampler.snr == 0.075
+    assert compose_train(["experiment=ncsnv2_bedroom", "sampler.step_lr=1e-6"]
+                         ).sampler.step_lr == 1e-6                # the command line still wins
+    assert compose_train(["dataset=lsun"]).sampler.step_lr == 4.9e-6  # no experiment: the setup's
