@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ncsn import losses, registry
+from ncsn.config import config_dir
+from ncsn.nets.ncsnpp import NCSNpp
 from ncsn.nets.precond import EDMPrecond, VEPrecond
 from ncsn.nets.unet import UNet
 from ncsn.noise import geometric_sigmas
@@ -208,6 +210,158 @@ def check_loss(networks, edm_losses, loss_name: str, kind: str, rows: list) -> N
                  *difference(our_sigma, edm_sigma)))
 
 
+# ------------------------------------------------------------ NCSN++ as EDM's SongUNet
+# train.py --arch=ncsnpp: SongUNet's keyword arguments besides the sizes.
+SONG_UNET_NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
+                        decoder_type="standard", resample_filter=[1, 3, 3, 1])
+# experiment=edm_cifar10_ve at a small size: 16 px, width 16, 2 blocks, attention at 8 px.
+SMALL = {"image_size": 16, "nf": 16, "num_res_blocks": 2, "attn_resolutions": [8]}
+
+
+def experiment_network(small: bool = True) -> tuple[NCSNpp, dict]:
+    """ncsn's network of ``experiment=edm_cifar10_ve`` (registry-built, at SMALL sizes
+    unless ``small`` is false, no dropout), and the SongUNet keyword arguments of the same
+    sizes."""
+    from hydra import compose, initialize_config_dir
+
+    from ncsn.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        sizes = [f"dataset.image_size={SMALL['image_size']}", f"model.nf={SMALL['nf']}",
+                 f"model.num_res_blocks={SMALL['num_res_blocks']}",
+                 f"model.attn_resolutions={SMALL['attn_resolutions']}"] if small else []
+        cfg = compose("train", overrides=["experiment=edm_cifar10_ve", *sizes,
+                                          "model.dropout=0.0", "model.precond=none"])
+    shape = (3, cfg.dataset.image_size, cfg.dataset.image_size)
+    net = registry.build_model(cfg.model, shape, geometric_sigmas(80.0, 0.002, 18))
+    song = dict(img_resolution=shape[1], in_channels=3, out_channels=3,
+                model_channels=cfg.model.nf, channel_mult=list(cfg.model.ch_mult),
+                num_blocks=cfg.model.num_res_blocks,
+                attn_resolutions=list(cfg.model.attn_resolutions), dropout=0.0,
+                **SONG_UNET_NCSNPP)
+    return net, song
+
+
+def _block_tensors(ours_block, attn, theirs: str) -> dict[str, str]:
+    """SongUNet UNetBlock ``theirs`` -> our BigGAN residual block (+ attention) keys."""
+    names = {"norm0": "norm1", "conv0": "conv1", "affine": "emb_proj", "norm1": "norm2",
+             "conv1": "conv2", "skip": "skip"}
+    keys = {}
+    for name, tensor in ours_block.state_dict().items():
+        layer, _, kind = name.partition(".")
+        theirs_layer = {v: k for k, v in names.items()}[layer]
+        keys[f"{theirs}.{theirs_layer}.{kind}"] = (ours_block, name)
+    if attn is not None:
+        keys[f"{theirs}.norm2.weight"] = (attn, "norm.weight")
+        keys[f"{theirs}.norm2.bias"] = (attn, "norm.bias")
+        keys[f"{theirs}.proj.weight"] = (attn, "proj.weight")
+        keys[f"{theirs}.proj.bias"] = (attn, "proj.bias")
+        keys[f"{theirs}.qkv.weight"] = (attn, "qkv.weight")    # split below
+        keys[f"{theirs}.qkv.bias"] = (attn, "qkv.bias")
+    return keys
+
+
+def song_unet_keys(net: NCSNpp, song) -> dict[str, tuple]:
+    """SongUNet's state-dict key -> (our module, its key), walking both in forward order."""
+    res = lambda level: f"{song['img_resolution'] >> level}x{song['img_resolution'] >> level}"
+    keys = {"map_noise.freqs": (net.fourier, "W"),
+            "map_layer0.weight": (net.embed[0], "weight"), "map_layer0.bias": (net.embed[0], "bias"),
+            "map_layer1.weight": (net.embed[2], "weight"), "map_layer1.bias": (net.embed[2], "bias"),
+            f"enc.{res(0)}_conv.weight": (net.conv_in, "weight"),
+            f"enc.{res(0)}_conv.bias": (net.conv_in, "bias")}
+    for i, level in enumerate(net.down):
+        if i > 0:                                  # the previous level's way down
+            before = net.down[i - 1]
+            keys.update(_block_tensors(before.down, None, f"enc.{res(i)}_down"))
+            for kind in ("weight", "bias"):
+                keys[f"enc.{res(i)}_aux_residual.{kind}"] = (before.pyramid.conv, kind)
+        for j, (block, attn) in enumerate(zip(level.blocks, level.attns)):
+            attn = None if isinstance(attn, nn.Identity) else attn
+            keys.update(_block_tensors(block, attn, f"enc.{res(i)}_block{j}"))
+    last = len(net.down) - 1
+    keys.update(_block_tensors(net.mid_block1, net.mid_attn, f"dec.{res(last)}_in0"))
+    keys.update(_block_tensors(net.mid_block2, None, f"dec.{res(last)}_in1"))
+    for k, level in enumerate(net.up):
+        i = last - k
+        if i < last:
+            keys.update(_block_tensors(net.up[k - 1].up, None, f"dec.{res(i)}_up"))
+        for j, block in enumerate(level.blocks):
+            attn = level.attn if j == len(level.blocks) - 1 else None
+            keys.update(_block_tensors(block, attn, f"dec.{res(i)}_block{j}"))
+    for kind in ("weight", "bias"):
+        keys[f"dec.{res(0)}_aux_norm.{kind}"] = (net.norm_out, kind)
+        keys[f"dec.{res(0)}_aux_conv.{kind}"] = (net.conv_out, kind)
+    return keys
+
+
+def load_song_unet_weights(net: NCSNpp, song_net: nn.Module, song) -> int:
+    """Copy SongUNet's weights into ``net``; returns how many tensors were copied. Every
+    SongUNet parameter must find a place (its FIR filter buffers are fixed, not weights)."""
+    keys, theirs = song_unet_keys(net, song), song_net.state_dict()
+    left = [k for k in theirs if k not in keys and not k.endswith("resample_filter")]
+    if left:
+        raise SystemExit(f"check_edm: SongUNet keys with no place here: {left[:5]}")
+    with torch.no_grad():
+        for their_key, (module, name) in keys.items():
+            value = theirs[their_key]
+            if name.startswith("qkv."):            # (3C, ...) interleaved c*3 + {q, k, v}
+                for part, rows in zip("qkv", (value[0::3], value[1::3], value[2::3])):
+                    getattr(module, part).state_dict()[name.split(".")[1]].copy_(
+                        rows.reshape(getattr(module, part).state_dict()[
+                            name.split(".")[1]].shape))
+                continue
+            module.state_dict()[name].copy_(value.reshape(module.state_dict()[name].shape))
+    return len(keys)
+
+
+def check_network(networks, rows: list) -> None:
+    torch.manual_seed(3)
+    ours, song = experiment_network()
+    song_net = networks.SongUNet(**song).eval()
+    with torch.no_grad():                          # off the init's ~0 branches
+        for p in song_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    n = load_song_unet_weights(ours, song_net, song)
+    ours.eval()
+    counts = [sum(p.numel() for p in m.parameters()) for m in (ours, song_net)]
+    rows.append((f"NCSN++ (experiment=edm_cifar10_ve, small): parameters {counts[0]} here, "
+                 f"{counts[1]} in SongUNet; {n} tensors mapped", float(counts[0] - counts[1]),
+                 float(counts[0] - counts[1]) / counts[1]))
+    full, full_song = experiment_network(small=False)
+    counts = [sum(p.numel() for p in m.parameters())
+              for m in (full, networks.SongUNet(**full_song))]
+    rows.append((f"NCSN++ (experiment=edm_cifar10_ve, full size): parameters {counts[0]} here, "
+                 f"{counts[1]} in SongUNet", float(counts[0] - counts[1]),
+                 float(counts[0] - counts[1]) / counts[1]))
+    c_noise = torch.linspace(-6.0, 5.0, 12)        # log(sigma)/4 and log(sigma/2) ranges
+    x = torch.randn(len(c_noise), 3, song["img_resolution"], song["img_resolution"])
+    with torch.no_grad():
+        F_song = song_net(x, c_noise, class_labels=None)
+        F_ours = ours(x, c_noise.exp())            # ncsn's networks take sigma_in = exp(c)
+    rows.append(("NCSN++ F(x; c_noise): ncsn's against SongUNet, same weights",
+                 *difference(F_ours, F_song)))
+    # float32's rounding, not the network (SongUNet's attention casts to float32 itself):
+    with torch.no_grad():
+        F64 = [m.double()(*args) for m, args in ((song_net, (x.double(), c_noise.double(), None)),
+                                                  (ours, (x.double(), c_noise.double().exp())))]
+    song_net.float(), ours.float()
+    rows.append(("NCSN++ F(x; c_noise), both in float64", *difference(F64[1], F64[0])))
+    for kind in ("edm", "ve"):
+        edm_net = networks.EDMPrecond if kind == "edm" else networks.VEPrecond
+        edm_net = edm_net(img_resolution=song["img_resolution"], img_channels=3,
+                          model_type="SongUNet", **{k: v for k, v in song.items() if k not in (
+                              "img_resolution", "in_channels", "out_channels")}).eval()
+        edm_net.model.load_state_dict(song_net.state_dict())
+        wrapped = (EDMPrecond(ours, 0.5) if kind == "edm" else VEPrecond(ours)).eval()
+        sigma = SIGMAS[::4]
+        xs = torch.randn(len(sigma), 3, song["img_resolution"], song["img_resolution"]) * (
+            0.5 + sigma[:, None, None, None])
+        with torch.no_grad():
+            rows.append((f"{kind}: D(x; sigma), NCSN++ as SongUNet, {len(sigma)} sigmas",
+                         *difference(wrapped.denoise(xs, sigma), edm_net(xs, sigma))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--edm", type=Path, required=True, help="a checkout of NVlabs/edm")
@@ -218,6 +372,7 @@ def main() -> None:
     rows: list = []
     for kind in ("edm", "ve"):
         check_precond(networks, kind, rows)
+    check_network(networks, rows)
     check_loss(networks, edm_losses, "edm", "edm", rows)
     check_loss(networks, edm_losses, "ve_edm", "ve", rows)
     print("| compared (float32) | max abs difference | relative (to EDM's max abs value) |")

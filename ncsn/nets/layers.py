@@ -334,7 +334,7 @@ class GaussianFourierProjection(nn.Module):
         self.register_buffer("W", torch.randn(dim // 2) * scale)
 
     def forward(self, t: Tensor) -> Tensor:
-        args = t[:, None].float() * self.W[None, :] * 2 * math.pi     # score_sde's order
+        args = t[:, None].to(self.W.dtype) * self.W[None, :] * 2 * math.pi   # score_sde's order
         return torch.cat([args.sin(), args.cos()], dim=1)
 
 
