@@ -83,21 +83,10 @@ SETTINGS = (
 # ----------------------------------------------------------------------------- checkpoints
 REAL_SUBSETS = 5                    # random sets of real digits that measure the FID's noise
 
-# experiment=digits key by key (its file sets loss.anneal_power, which loss=edm has not)
-DIGITS_KEYS = ["dataset=digits", "model=unet_small", "noise=geometric",
-               "sampler=annealed_langevin", "dataset.image_size=8", "noise.sigma_begin=auto",
-               "noise.sigma_end=0.01", "noise.num_scales=auto", "optim.lr=2.0e-3",
-               "optim.warmup=100", "optim.schedule=cosine", "trainer.n_steps=2000",
-               "trainer.batch_size=128", "trainer.ema=true", "trainer.ema_rate=0.995",
-               "trainer.ckpt_every=1000", "trainer.sample_every=1000",
-               "trainer.n_plot_samples=64", "sampler.step_lr=1.0e-5", "sampler.n_steps_each=20",
-               "sampler.denoise=true", "sampler.init=uniform", "sampler.init_low=0.0",
-               "sampler.init_high=1.0"]
-
 # setup -> the training overrides of its checkpoint
 SETUPS = {"swiss": ["experiment=swissroll"], "digits": ["experiment=digits"],
           "digits_continuous": ["experiment=digits", "noise.continuous=true"],
-          "digits_edm": [*DIGITS_KEYS, "loss=edm", "model.precond=edm",
+          "digits_edm": ["experiment=digits", "loss=edm", "model.precond=edm",
                          "model.scale_by_sigma=false"]}
 
 
@@ -389,8 +378,8 @@ def swiss_section(result: dict) -> list[str]:
 DIGITS_TITLES = {"digits": "Digits (`experiment=digits`)",
                  "digits_continuous": "Digits, continuous σ training "
                                       "(`experiment=digits noise.continuous=true`)",
-                 "digits_edm": "Digits, EDM's preconditioning and loss (experiment=digits's "
-                               "keys with `model.precond=edm loss=edm model.scale_by_sigma=false`)"}
+                 "digits_edm": "Digits, EDM's preconditioning and loss (`experiment=digits "
+                               "model.precond=edm loss=edm model.scale_by_sigma=false`)"}
 
 
 def digits_section(result: dict, title: str) -> list[str]:
