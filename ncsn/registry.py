@@ -173,7 +173,7 @@ def objective_spec(loss_cfg, model_cfg, dataset_cfg=None) -> objectives.Objectiv
 
 def _held_out_spec(loss_cfg, model_cfg, dataset_cfg) -> objectives.ObjectiveSpec:
     """A flow's held-out loss: its negative log-likelihood, whatever it trains with."""
-    return objectives.NegativeLogLikelihood(loss_cfg, network(model_cfg), dataset_cfg)
+    return objectives.HeldOutLikelihood(loss_cfg, network(model_cfg), dataset_cfg)
 
 
 def build_objective(loss_cfg, model_cfg, sigmas: Tensor, noise_cfg=None,

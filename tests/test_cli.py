@@ -202,6 +202,9 @@ MISTAKES = [
     ("ncsn-train", ["model=mlp", "loss=anneal_dsm"], ["2 problems", "sampler=annealed_langevin",
                                                       "loss=anneal_dsm"]),
     ("ncsn-train", ["dataset=swisroll", "trainer.nsteps=1"], ["dataset=swiss_roll", "nsteps"]),
+    # a flow's likelihood of clamped, Gaussian-dequantized pixels is unbounded
+    ("ncsn-train", ["experiment=nice_digits", "dataset.gaussian_dequantization=true"],
+     ["loss=nll", "gaussian_dequantization=true", "uniform_dequantization=true"]),
     # experiment is optional in the defaults list: Hydra alone trained the default setup
     ("ncsn-train", ["experiment=swisroll"], ["did you mean experiment=swissroll"]),
     # A sweep is checked job by job before Hydra makes multirun/DATE/TIME.

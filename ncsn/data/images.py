@@ -164,6 +164,29 @@ def pixel_levels(dataset_name: str) -> int | None:
     return 17 if dataset_name == "digits" else 256
 
 
+def off_grid(cfg) -> str | None:
+    """Why the pixels the model sees have left the dataset's ``pixel_levels`` grid (None:
+    they have not). Resizing PIL images keeps 8 bits, but the 8x8 digits are resized as
+    tensors of k/16 (bilinear), which lands between the 17 values."""
+    if cfg.name == "digits" and cfg.image_size != 8:
+        return (f"dataset.image_size={cfg.image_size} resizes the 8x8 digits (bilinear), which "
+                f"moves their pixels off the 17 values k/16 that bits/dim counts")
+    return None
+
+
+def likelihood_levels(cfg) -> int | None:
+    """K when a density of the model's pixels gives bits/dim of the K-level data (its
+    -log p, less d log K, bounds the discrete -log P: uniformly dequantized pixels still on
+    the dataset's grid); None when it does not (then -log p is in nats of the continuous
+    data it sees, and no bound): no dequantization, the clamped Gaussian one (it leaves
+    pixels exactly on 0 and 1, 29% of the digits', where a density is unbounded), or
+    pixels resized off their grid."""
+    if (cfg.uniform_dequantization and not cfg.gaussian_dequantization
+            and off_grid(cfg) is None):
+        return pixel_levels(cfg.name)
+    return None
+
+
 class UniformDequantize:
     """x in {0, 1/(L-1), ..., 1} -> (x (L-1) + u) / L, u ~ U(0, 1): a density on [0, 1) whose
     likelihood bounds the discrete one (Theis, van den Oord, Bethge 2016). L = 256 for 8-bit
@@ -591,5 +614,5 @@ __all__ = ["DatasetNotFoundError", "IMAGE_DATASETS", "ImageDataConfig", "CIFAR10
            "MNISTConfig", "FashionMNISTConfig", "SVHNConfig", "CelebAConfig", "LSUNConfig",
            "ImageFolderConfig", "DigitsConfig", "image_config", "build_image_data",
            "image_folder", "image_folder_paths", "FlatImageFolder",
-           "ModelSpace", "logit_transform", "inverse_logit_transform", "UniformDequantize",
+           "ModelSpace", "likelihood_levels", "off_grid", "logit_transform", "inverse_logit_transform", "UniformDequantize",
            "GaussianDequantize", "TensorImageDataset", "LSUN_CATEGORIES"]

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ncsn import registry
 from ncsn.cost import duration
+from ncsn.data.images import image_config, likelihood_levels
 from ncsn.training.monitor import check_finite
 
 if TYPE_CHECKING:
@@ -76,8 +77,11 @@ class TrainLogger:
 
 def nll_unit(dataset_cfg) -> str:
     """The unit of a flow's negative log-likelihood (see registry's loss=nll): bits/dim of
-    dequantized images, nats for points."""
-    return " bits/dim" if dataset_cfg.name in registry.IMAGE_DATASETS else " nats"
+    uniformly dequantized images on their pixel grid, nats of the model's input otherwise
+    (points; images a flow trains on by score matching without such dequantization)."""
+    if dataset_cfg.name not in registry.IMAGE_DATASETS:
+        return " nats"
+    return " bits/dim" if likelihood_levels(image_config(dataset_cfg)) else " nats"
 
 
 def loss_unit(run: Run) -> str:
