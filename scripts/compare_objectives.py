@@ -63,6 +63,7 @@ OBJECTIVES = {
 # The sliced score matching code's learning rates (configs/nice/nice_*.yml).
 AUTHORS_LR = {"nll": 1e-4, "exact_sm": 1e-4, "ssm": 1e-4, "ssm_vr": 1e-4, "dsm": 1e-3}
 TABLE_START, TABLE_END = "<!-- compare_objectives: table -->", "<!-- /compare_objectives -->"
+FLOWS_START, FLOWS_END = "<!-- compare_objectives: flows -->", "<!-- /compare_objectives: flows -->"
 
 
 def compose_cfg(experiment: str, overrides: list[str]):
@@ -117,8 +118,10 @@ def _gather(probs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return expanded.gather(1, k.clamp(0, probs.shape[0] - 1).unsqueeze(1)).squeeze(1)
 
 
-def run(key: str, label: str, experiment: str, overrides: list[str], workdir: Path) -> dict:
-    """Train one setting; score its best-on-validation and last checkpoints on the test split."""
+def run(key: str, label: str, experiment: str, overrides: list[str], workdir: Path,
+        curve: bool = False) -> dict:
+    """Train one setting; score its best-on-validation and last checkpoints on the test split
+    (``curve``: also every step checkpoint the run kept, as ``[[step, bits/dim], ...]``)."""
     cfg = compose_cfg(experiment, overrides)
     start = time.perf_counter()
     last = train(cfg, workdir / key)
@@ -128,9 +131,16 @@ def run(key: str, label: str, experiment: str, overrides: list[str], workdir: Pa
     bpd_best, best_step, samples = test_bits_per_dim(best if best.is_file() else last)
     print(f"{key}: {bpd_best:.3f} bits/dim at its best validation step {best_step}, "
           f"{bpd_last:.3f} at step {steps}, {seconds:.0f} s", flush=True)
-    return {"key": key, "label": label, "bpd_best": bpd_best, "best_step": best_step,
-            "bpd_last": bpd_last, "steps": steps, "seconds": seconds,
-            "batch_size": cfg.trainer.batch_size, "lr": cfg.optim.lr, "samples": samples}
+    result = {"key": key, "label": label, "bpd_best": bpd_best, "best_step": best_step,
+              "bpd_last": bpd_last, "steps": steps, "seconds": seconds,
+              "batch_size": cfg.trainer.batch_size, "lr": cfg.optim.lr, "samples": samples,
+              "parameters": sum(p.numel() for p in model_from_checkpoint(
+                  torch.load(last, map_location="cpu", weights_only=True)).parameters())}
+    if curve:
+        result["curve"] = [[step, bpd] for bpd, step, _ in sorted(
+            (test_bits_per_dim(path) for path in last.parent.glob("step_*.pt")),
+            key=lambda scored: scored[1])]
+    return result
 
 
 def learning_rates(spec: str | None) -> dict[str, float]:
@@ -172,14 +182,22 @@ def nice_runs(args, workdir: Path) -> list[dict]:
 
 
 def flow_runs(args, workdir: Path) -> list[dict]:
-    results = []
+    """RealNVP and Glow by maximum likelihood at ``--flow-steps``, a checkpoint every
+    ``--validate-every`` steps kept and scored (the test bits/dim against steps and seconds:
+    ``--report`` compares architectures at equal steps and at equal wall time).
+    ``--flow-variant`` names the code's version in the labels and keys."""
+    results, every = [], args.validate_every
+    suffix = f" [{args.flow_variant}]" if args.flow_variant else ""
     for flow, name in (("realnvp", "RealNVP"), ("glow", "Glow")):
-        overrides = [f"trainer.n_steps={args.flow_steps}", f"trainer.ckpt_every={args.flow_steps}",
+        overrides = [f"trainer.n_steps={args.flow_steps}", f"trainer.ckpt_every={every}",
+                     f"trainer.keep_last={args.flow_steps // every + 1}",
                      "trainer.n_plot_samples=0", f"dataset.validation_fraction="
                      f"{args.validation_fraction}", "trainer.keep_best=true",
-                     f"trainer.sample_every={args.validate_every}"]
-        results.append(run(flow, f"{name} (experiment={flow}_digits), maximum likelihood",
-                           f"{flow}_digits", [*overrides, *args.set], workdir))
+                     f"trainer.sample_every={every}"]
+        key = f"{flow}_{args.flow_variant}" if args.flow_variant else flow
+        results.append(run(key, f"{name} (experiment={flow}_digits{suffix}), maximum "
+                                f"likelihood", f"{flow}_digits", [*overrides, *args.set],
+                           workdir, curve=True))
     return results
 
 
@@ -230,13 +248,56 @@ def table(results: list[dict], base: dict) -> str:
     return "\n".join(lines)
 
 
+def at_seconds(result: dict, seconds: float) -> tuple[int, float] | None:
+    """The last scored checkpoint a run reached within ``seconds`` of training (its steps at
+    its mean seconds per step): ``(step, test bits/dim)``, or None before the first."""
+    per_step = result["seconds"] / result["steps"]
+    reached = [(step, bpd) for step, bpd in result.get("curve", []) if step * per_step
+               <= seconds * (1 + 1e-9)]
+    return reached[-1] if reached else None
+
+
+def flows_table(results: list[dict], base: dict) -> str:
+    """Each flow's versions side by side: test bits/dim at equal steps (each run's last) and
+    at equal wall time (the fastest version's total seconds for that flow)."""
+    lines = ["| model (code version) | parameters | s / step | test bits/dim at step "
+             "(equal steps) | equal wall time: seconds, step reached, test bits/dim | "
+             "best on validation (step) |", "|---|---:|---:|---|---|---|"]
+    for name in ("RealNVP", "Glow"):
+        runs = [r for r in results if r["label"].startswith(name) and "curve" in r]
+        if not runs:
+            continue
+        budget = min(r["seconds"] for r in runs)
+        for r in runs:
+            reached = at_seconds(r, budget)
+            equal_time = (f"{budget:.0f} s: step {reached[0]}, {reached[1]:.3f}" if reached
+                          else f"{budget:.0f} s: before the first checkpoint")
+            lines.append(f"| {r['label'].split(', maximum')[0]} | {r.get('parameters', 0):,} "
+                         f"| {r['seconds'] / r['steps']:.3f} | {r['bpd_last']:.3f} at "
+                         f"{r['steps']} | {equal_time} | {r['bpd_best']:.3f} "
+                         f"({r['best_step']}) |")
+    lines += [f"| {name}, fitted to the training split | | | {bpd:.3f} | | |"
+              for name, bpd in base.items()]
+    return "\n".join(lines)
+
+
+def _replace_between(text: str, start: str, end: str, block: str) -> str:
+    head, rest = text.split(start, 1)
+    return head + block + rest.split(end, 1)[1]
+
+
 def write_report(path: Path, results: list[dict]) -> None:
-    """Put the table between the markers of ``path`` (a new file holds only the table)."""
-    block = f"{TABLE_START}\n{table(results, baselines())}\n{TABLE_END}"
+    """Put the tables between their markers in ``path`` (a new file holds only the tables):
+    the objectives' table, and with runs from --flows the flows' comparison."""
+    base = baselines()
+    block = f"{TABLE_START}\n{table(results, base)}\n{TABLE_END}"
     text = path.read_text() if path.is_file() else f"# Training objectives compared\n\n{block}\n"
     if TABLE_START in text and TABLE_END in text:
-        head, rest = text.split(TABLE_START, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
+        text = _replace_between(text, TABLE_START, TABLE_END, block)
+    if any("curve" in r for r in results):
+        flows = f"{FLOWS_START}\n{flows_table(results, base)}\n{FLOWS_END}"
+        text = (_replace_between(text, FLOWS_START, FLOWS_END, flows)
+                if FLOWS_START in text and FLOWS_END in text else f"{text}\n{flows}\n")
     path.write_text(text)
 
 
@@ -264,6 +325,8 @@ def main() -> None:
     parser.add_argument("--validate-every", type=int, default=100)
     parser.add_argument("--flows", action="store_true", help="also RealNVP and Glow by ML")
     parser.add_argument("--flow-steps", type=int, default=800)
+    parser.add_argument("--flow-variant", default="",
+                        help="a name for this code version in the flows' labels and keys")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more overrides for every run, e.g. trainer.num_threads=1")
     parser.add_argument("--workdir", default=None,
