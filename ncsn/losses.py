@@ -39,6 +39,18 @@ def batch_shard(rows: slice, global_batch: int):
         _SHARD.reset(token)
 
 
+def batch_rows(n: int) -> tuple[int, slice]:
+    """The global batch and this process's rows of it, for a batch of ``n`` here:
+    ``(n, slice(0, n))`` outside a batch shard."""
+    shard = _SHARD.get()
+    if shard is None:
+        return n, slice(0, n)
+    start, stop, global_batch = shard
+    if n != stop - start:
+        raise ValueError(f"a batch of {n} inside a shard of {stop - start} rows")
+    return global_batch, slice(start, stop)
+
+
 def _global_draw(draw: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...]) -> Tensor:
     """``draw(shape)``, or, inside a batch shard, this shard's rows of the global draw."""
     shard = _SHARD.get()
