@@ -327,9 +327,14 @@ class _EDMObjective(ObjectiveSpec):
         return [*self.batch_statistics_problems(), *self.network_problems(),
                 *self.noise_problems(noise_cfg), *self.augment_problems()]
 
+    @property
+    def augment_p(self) -> float:
+        """loss.augment_p (0 in a config from before the key)."""
+        return float(self.cfg.get("augment_p", 0.0))
+
     def augment_problems(self) -> list[str]:
         """EDM's augmentation needs the network to embed its labels, and the reverse."""
-        p, dim = self.cfg.augment_p, self.network.augment_dim
+        p, dim = self.augment_p, self.network.augment_dim
         if not 0 <= p <= 1:
             return [f"loss.augment_p is a probability (EDM's --augment: 0.12), got {p}"]
         if p > 0 and dim is None:
@@ -368,7 +373,7 @@ class _EDMObjective(ObjectiveSpec):
         raise NotImplementedError
 
     def loss(self, sigmas: Tensor) -> Objective:
-        augment = AugmentPipe(p=self.cfg.augment_p) if self.cfg.augment_p > 0 else None
+        augment = AugmentPipe(p=self.augment_p) if self.augment_p > 0 else None
 
         def edm_objective(net, x):
             sigma, weight = self.sigmas_and_weights(x.shape[0], x)
