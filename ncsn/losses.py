@@ -39,6 +39,18 @@ def batch_shard(rows: slice, global_batch: int):
         _SHARD.reset(token)
 
 
+def batch_rows(n: int) -> tuple[int, slice]:
+    """The global batch and this process's rows of it, for a batch of ``n`` here:
+    ``(n, slice(0, n))`` outside a batch shard."""
+    shard = _SHARD.get()
+    if shard is None:
+        return n, slice(0, n)
+    start, stop, global_batch = shard
+    if n != stop - start:
+        raise ValueError(f"a batch of {n} inside a shard of {stop - start} rows")
+    return global_batch, slice(start, stop)
+
+
 def _global_draw(draw: Callable[[tuple[int, ...]], Tensor], shape: tuple[int, ...]) -> Tensor:
     """``draw(shape)``, or, inside a batch shard, this shard's rows of the global draw."""
     shard = _SHARD.get()
@@ -262,12 +274,16 @@ def ve_weight(sigma: Tensor) -> Tensor:
     return 1 / sigma ** 2
 
 
-def tweedie_denoiser(net: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+def tweedie_denoiser(net: Callable[..., Tensor], augment_labels: Tensor | None = None
+                     ) -> Callable[[Tensor, Tensor], Tensor]:
     """The denoiser of a score network, D(x; sigma) = x + sigma^2 s(x, sigma) (EDM, eq. 3).
     For a preconditioned network (:mod:`ncsn.nets.precond`), whose score is
     (D - x) / sigma^2, this is its D up to float32 round-off; it calls ``net(x, sigma)``
-    itself, so that DistributedDataParallel's forward (and its gradient averaging) runs."""
-    return lambda x, sigma: x + _broadcast(sigma, x) ** 2 * net(x, sigma)
+    itself, so that DistributedDataParallel's forward (and its gradient averaging) runs.
+    ``augment_labels`` ``(B, augment_dim)``: EDM's augmentation labels of the batch
+    (:mod:`ncsn.augment`), passed as ``net(x, sigma, augment_labels=...)``."""
+    keywords = {} if augment_labels is None else {"augment_labels": augment_labels}
+    return lambda x, sigma: x + _broadcast(sigma, x) ** 2 * net(x, sigma, **keywords)
 
 
 def denoiser_loss(denoise: Callable[[Tensor, Tensor], Tensor], y: Tensor, sigma: Tensor,

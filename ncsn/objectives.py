@@ -16,6 +16,7 @@ from typing import Callable, ClassVar, Optional
 from torch import Tensor, nn
 
 from ncsn import losses
+from ncsn.augment import AUGMENT_DIM, AugmentPipe
 from ncsn.data.images import (IMAGE_DATASETS, ModelSpace, image_config, likelihood_levels,
                               model_space, off_grid)
 from ncsn.flows.objective import nll_objective
@@ -55,7 +56,16 @@ class ObjectiveSpec:
     def problems(self, noise_cfg=None) -> list[str]:
         """Every way this objective cannot train ``network`` (with ``noise_cfg``), one each."""
         return [*self.batch_statistics_problems(), *self.conditioning_problems(),
-                *self.continuous_problems(noise_cfg)]
+                *self.continuous_problems(noise_cfg), *self.augment_problems()]
+
+    def augment_problems(self) -> list[str]:
+        """An objective that augments nothing (all but EDM's, :class:`_EDMObjective`) gives
+        a network that embeds augmentation labels none: its weights would never train."""
+        if self.network.augment_dim:
+            return [f"model.augment_dim={self.network.augment_dim} embeds EDM's augmentation "
+                    f"labels, which only loss=edm or loss=ve_edm with loss.augment_p > 0 "
+                    f"gives; set model.augment_dim=0"]
+        return []
 
     def batch_statistics_problems(self) -> list[str]:
         if self.network.batch_statistics:
@@ -301,7 +311,11 @@ class _EDMObjective(ObjectiveSpec):
     preconditioned denoiser of EDM's code (:mod:`ncsn.nets.precond`). Each sample is labelled
     with the nearest level of the noise table (in log sigma), as continuous noise is, so
     that the per-level curves bin its sigma. See :func:`ncsn.losses.denoiser_loss` for how
-    the per-sample value relates to EDM's returned loss."""
+    the per-sample value relates to EDM's returned loss.
+
+    ``loss.augment_p`` > 0: EDM's non-leaky augmentation (:mod:`ncsn.augment`; its
+    ``--augment``) of the clean images, each transformation with that probability, the
+    network given the 9 labels (``model.augment_dim=9``)."""
 
     draws: ClassVar[str] = ""            # how sigma is drawn, for messages
 
@@ -311,7 +325,32 @@ class _EDMObjective(ObjectiveSpec):
 
     def problems(self, noise_cfg=None) -> list[str]:
         return [*self.batch_statistics_problems(), *self.network_problems(),
-                *self.noise_problems(noise_cfg)]
+                *self.noise_problems(noise_cfg), *self.augment_problems()]
+
+    @property
+    def augment_p(self) -> float:
+        """loss.augment_p (0 in a config from before the key)."""
+        return float(self.cfg.get("augment_p", 0.0))
+
+    def augment_problems(self) -> list[str]:
+        """EDM's augmentation needs the network to embed its labels, and the reverse."""
+        p, dim = self.augment_p, self.network.augment_dim
+        if not 0 <= p <= 1:
+            return [f"loss.augment_p is a probability (EDM's --augment: 0.12), got {p}"]
+        if p > 0 and dim is None:
+            return [f"loss.augment_p={p} conditions the network on EDM's {AUGMENT_DIM} "
+                    f"augmentation labels, but model={self.network.name} takes none; use "
+                    f"model=ncsnpp or model=unet with model.augment_dim={AUGMENT_DIM}, or "
+                    f"loss.augment_p=0"]
+        if p > 0 and dim != AUGMENT_DIM:
+            return [f"loss.augment_p={p} conditions the network on EDM's {AUGMENT_DIM} "
+                    f"augmentation labels (non-leaky augmentation), but model.augment_dim="
+                    f"{dim}; set model.augment_dim={AUGMENT_DIM}, or loss.augment_p=0"]
+        if p == 0 and dim:
+            return [f"model.augment_dim={dim} embeds EDM's augmentation labels, but "
+                    f"loss.augment_p=0 gives none (those weights would never train); set "
+                    f"loss.augment_p (EDM: 0.12), or model.augment_dim=0"]
+        return []
 
     def network_problems(self) -> list[str]:
         if not self.network.conditional or self.network.flow:
@@ -334,10 +373,15 @@ class _EDMObjective(ObjectiveSpec):
         raise NotImplementedError
 
     def loss(self, sigmas: Tensor) -> Objective:
+        augment = AugmentPipe(p=self.augment_p) if self.augment_p > 0 else None
+
         def edm_objective(net, x):
             sigma, weight = self.sigmas_and_weights(x.shape[0], x)
-            per_sample = losses.denoiser_loss(losses.tweedie_denoiser(net), x, sigma, weight,
-                                              reduction="none")
+            # EDM's loss: the clean images augmented after sigma is drawn, before the noise;
+            # the target is the augmented image, and the network is told the labels
+            y, labels = augment(x) if augment is not None else (x, None)
+            per_sample = losses.denoiser_loss(losses.tweedie_denoiser(net, labels), y, sigma,
+                                              weight, reduction="none")
             return per_sample, sigma_index(sigma, sigmas.to(x.device))
         return edm_objective
 
@@ -354,6 +398,7 @@ class EDMLoss(_EDMObjective):
         P_mean: float = -1.2             # ln sigma ~ N(P_mean, P_std^2), not truncated
         P_std: float = 1.2
         sigma_data: float = 0.5          # the data's standard deviation (model.sigma_data's twin)
+        augment_p: float = 0.0           # EDM's non-leaky augmentation (--augment; 0: off)
 
     draws = "ln sigma ~ N(loss.P_mean, loss.P_std^2)"
 
@@ -372,6 +417,7 @@ class VELoss(_EDMObjective):
         name: str = "ve_edm"
         sigma_min: float = 0.02          # sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1)
         sigma_max: float = 100.0
+        augment_p: float = 0.0           # EDM's non-leaky augmentation (--augment; 0: off)
 
     draws = "log-uniform on [loss.sigma_min, loss.sigma_max]"
 

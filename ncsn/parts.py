@@ -26,7 +26,8 @@ class Network:
     ``conditional``: it takes sigma, ``net(x, sigma)``; ``takes_sigma_values``: any sigma,
     not only the table's levels; ``flow``: a normalizing flow (exact log p(x), exact
     samples); ``batch_statistics``: its training-mode output for one sample depends on the
-    rest of the batch (a batch-normalised flow)."""
+    rest of the batch (a batch-normalised flow); ``augment_dim``: the augmentation labels it
+    embeds (EDM's non-leaky augmentation; None: it cannot take them)."""
 
     name: str
     conditional: bool
@@ -34,6 +35,7 @@ class Network:
     flow: bool
     batch_statistics: bool = False
     embedding: str | None = None
+    augment_dim: int | None = None     # model.augment_dim; None: the network has no such option
 
     @property
     def table_only(self) -> str:

@@ -161,7 +161,8 @@ def network(model_cfg) -> Network:
     return Network(name=model_cfg.name, conditional=is_conditional(model_cfg),
                    takes_sigma_values=takes_sigma_values(model_cfg), flow=is_flow(model_cfg),
                    batch_statistics=batch_norm,
-                   embedding=model_cfg.embedding if model_cfg.name == "cond_mlp" else None)
+                   embedding=model_cfg.embedding if model_cfg.name == "cond_mlp" else None,
+                   augment_dim=model_cfg.get("augment_dim"))
 
 
 # ----------------------------------------------------------------------------- objectives

@@ -1,13 +1,18 @@
 """Check ncsn's EDM preconditioning and losses against NVlabs/edm's code: EDM's EDMPrecond and
 VEPrecond (training/networks.py) and ncsn's (``model.precond=edm|ve``) around the same inner
 function, and EDM's EDMLoss and VELoss (training/loss.py) and ncsn's (``loss=edm|ve_edm``)
-from the same seed, so with the same sigma and noise. Prints the largest differences as a
-Markdown table (docs/REPRODUCING.md keeps one).
+from the same seed, so with the same sigma and noise; EDM's AugmentPipe (training/augment.py,
+with train.py's --augment options) and ncsn's (``ncsn/augment.py``) from the same seed on the
+same images, SongUNet and NCSN++ given the same augmentation labels (``augment_dim=9``), and
+the augmented loss through both. Prints the largest differences as a Markdown table
+(docs/REPRODUCING.md keeps one).
 
 EDM's code is read at run time from a checkout given on the command line (export the public
 repository, e.g. ``git archive``); nothing of it is kept here. Its ``torch_utils.persistence``
 decorator (pickling support, which needs dnnlib and requests) is replaced by a stub that
-returns the class unchanged; nothing else of EDM's is altered.
+returns the class unchanged, and its ``torch_utils.misc``, of which augment.py uses only
+``constant`` (a cached tensor of a constant; misc itself imports dnnlib), by a stub whose
+``constant`` builds the same tensor without the cache; nothing else of EDM's is altered.
 
     python scripts/check_edm.py --edm /tmp/edm
 """
@@ -20,11 +25,13 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from ncsn import losses, registry
+from ncsn.augment import AUGMENT_DIM, AugmentPipe
 from ncsn.config import config_dir
 from ncsn.nets.ncsnpp import NCSNpp
 from ncsn.nets.precond import EDMPrecond, VEPrecond
@@ -37,16 +44,31 @@ BATCH = 64
 SIGMAS = torch.logspace(math.log10(1e-3), math.log10(200.0), 41)
 
 
-def load_edm(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
-    """EDM's training/networks.py and training/loss.py as modules, with a stub
-    ``torch_utils.persistence`` whose ``persistent_class`` returns the class as it is."""
+def constant(value, shape=None, dtype=None, device=None, memory_format=None) -> torch.Tensor:
+    """EDM's ``torch_utils.misc.constant`` without its cache: ``value`` as a tensor of
+    ``dtype`` (default: torch's default dtype) on ``device`` (default: the CPU), broadcast to
+    ``shape``."""
+    tensor = torch.as_tensor(np.asarray(value).copy(), dtype=dtype or torch.get_default_dtype(),
+                             device=device or torch.device("cpu"))
+    if shape is not None:
+        tensor, _ = torch.broadcast_tensors(tensor, torch.empty(tuple(shape)))
+    return tensor.contiguous(memory_format=memory_format or torch.contiguous_format)
+
+
+def load_edm(root: Path) -> tuple[types.ModuleType, ...]:
+    """EDM's training/networks.py, training/loss.py and training/augment.py as modules, with
+    a stub ``torch_utils.persistence`` whose ``persistent_class`` returns the class as it is,
+    and a stub ``torch_utils.misc`` holding :func:`constant` only."""
     persistence = types.ModuleType("torch_utils.persistence")
     persistence.persistent_class = lambda cls: cls
+    misc = types.ModuleType("torch_utils.misc")
+    misc.constant = constant
     torch_utils = types.ModuleType("torch_utils")
-    torch_utils.persistence = persistence
-    sys.modules.update({"torch_utils": torch_utils, "torch_utils.persistence": persistence})
+    torch_utils.persistence, torch_utils.misc = persistence, misc
+    sys.modules.update({"torch_utils": torch_utils, "torch_utils.persistence": persistence,
+                        "torch_utils.misc": misc})
     modules = []
-    for name in ("networks", "loss"):
+    for name in ("networks", "loss", "augment"):
         path = root / "training" / f"{name}.py"
         if not path.is_file():
             sys.exit(f"check_edm: {path} not found; --edm takes a checkout of NVlabs/edm")
@@ -54,7 +76,7 @@ def load_edm(root: Path) -> tuple[types.ModuleType, types.ModuleType]:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         modules.append(module)
-    return modules[0], modules[1]
+    return tuple(modules)
 
 
 class Tiny(nn.Module):
@@ -239,7 +261,7 @@ def experiment_network(small: bool = True) -> tuple[NCSNpp, dict]:
                 model_channels=cfg.model.nf, channel_mult=list(cfg.model.ch_mult),
                 num_blocks=cfg.model.num_res_blocks,
                 attn_resolutions=list(cfg.model.attn_resolutions), dropout=0.0,
-                **SONG_UNET_NCSNPP)
+                augment_dim=cfg.model.augment_dim, **SONG_UNET_NCSNPP)
     return net, song
 
 
@@ -266,6 +288,7 @@ def song_unet_keys(net: NCSNpp, song) -> dict[str, tuple]:
     """SongUNet's state-dict key -> (our module, its key), walking both in forward order."""
     res = lambda level: f"{song['img_resolution'] >> level}x{song['img_resolution'] >> level}"
     keys = {"map_noise.freqs": (net.fourier, "W"),
+            **({"map_augment.weight": (net.map_augment, "weight")} if net.map_augment else {}),
             "map_layer0.weight": (net.embed[0], "weight"), "map_layer0.bias": (net.embed[0], "bias"),
             "map_layer1.weight": (net.embed[2], "weight"), "map_layer1.bias": (net.embed[2], "bias"),
             f"enc.{res(0)}_conv.weight": (net.conv_in, "weight"),
@@ -315,7 +338,9 @@ def load_song_unet_weights(net: NCSNpp, song_net: nn.Module, song) -> int:
     return len(keys)
 
 
-def check_network(networks, rows: list) -> None:
+def check_network(networks, rows: list) -> tuple:
+    """NCSN++ against SongUNet; returns both networks (same weights) and SongUNet's
+    arguments."""
     torch.manual_seed(3)
     ours, song = experiment_network()
     song_net = networks.SongUNet(**song).eval()
@@ -360,6 +385,86 @@ def check_network(networks, rows: list) -> None:
         with torch.no_grad():
             rows.append((f"{kind}: D(x; sigma), NCSN++ as SongUNet, {len(sigma)} sigmas",
                          *difference(wrapped.denoise(xs, sigma), edm_net(xs, sigma))))
+    check_augment_labels(networks, ours, song_net, song, rows)
+    return ours, song_net, song
+
+
+def edm_pipe(edm_augment, p: float):
+    """EDM's AugmentPipe as train.py --augment=p builds it."""
+    return edm_augment.AugmentPipe(p=p, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                                   translate_frac=1)
+
+
+def check_augment(edm_augment, rows: list) -> None:
+    """EDM's AugmentPipe and ncsn's from the same seed on the same images: images and labels."""
+    images = torch.rand(BATCH, 3, 32, 32) * 2 - 1           # [-1, 1], as EDM's loop
+    for p in (0.12, 1.0):
+        torch.manual_seed(4)
+        theirs, their_labels = edm_pipe(edm_augment, p)(images)
+        torch.manual_seed(4)
+        ours, our_labels = AugmentPipe(p=p)(images)
+        applied = (their_labels != 0).any(dim=1).sum().item()
+        rows.append((f"augment p={p}: images, batch {BATCH} of 3x32x32 ({applied} augmented)",
+                     *difference(ours, theirs)))
+        rows.append((f"augment p={p}: labels {tuple(our_labels.shape)}",
+                     *difference(our_labels, their_labels)))
+
+
+def check_augment_labels(networks, ours, song_net, song, rows: list) -> None:
+    """SongUNet (augment_dim=9) and ncsn's NCSN++ (model.augment_dim=9), same weights, given
+    the same augmentation labels: F, and D through EDMPrecond."""
+    c_noise = torch.linspace(-6.0, 5.0, 12)
+    x = torch.randn(len(c_noise), 3, song["img_resolution"], song["img_resolution"])
+    _, labels = AugmentPipe(p=1.0)(x)                        # every transformation applied
+    with torch.no_grad():
+        F_song = song_net(x, c_noise, class_labels=None, augment_labels=labels)
+        F_ours = ours(x, c_noise.exp(), augment_labels=labels)
+        F_plain = ours(x, c_noise.exp())
+    rows.append((f"NCSN++ F(x; c_noise, augment labels {tuple(labels.shape)}): ncsn's against "
+                 f"SongUNet (augment_dim={AUGMENT_DIM}), same weights",
+                 *difference(F_ours, F_song)))
+    rows.append(("NCSN++ F with the labels against F without (the labels' effect, not a "
+                 "difference to EDM)", *difference(F_ours, F_plain)))
+    edm_net = networks.EDMPrecond(img_resolution=song["img_resolution"], img_channels=3,
+                                  model_type="SongUNet", **{k: v for k, v in song.items() if k not in (
+                                      "img_resolution", "in_channels", "out_channels")}).eval()
+    edm_net.model.load_state_dict(song_net.state_dict())
+    sigma = SIGMAS[::4][:len(labels)]
+    xs = x[:len(sigma)] * (0.5 + sigma[:, None, None, None])
+    with torch.no_grad():
+        rows.append((f"edm: D(x; sigma, augment labels), NCSN++ as SongUNet, {len(sigma)} sigmas",
+                     *difference(EDMPrecond(ours, 0.5).denoise(xs, sigma, labels[:len(sigma)]),
+                                 edm_net(xs, sigma, augment_labels=labels[:len(sigma)]))))
+
+
+def check_augmented_loss(networks, edm_losses, edm_augment, pair, rows: list) -> None:
+    """EDMLoss with EDM's AugmentPipe (p = 0.12) around SongUNet, and ncsn's loss=edm with
+    loss.augment_p=0.12 around NCSN++ of the same weights, from the same seed: sigma, the
+    augmentation and the noise drawn alike."""
+    ours, song_net, song = pair
+    edm_net = networks.EDMPrecond(img_resolution=song["img_resolution"], img_channels=3,
+                                  model_type="SongUNet", **{k: v for k, v in song.items() if k not in (
+                                      "img_resolution", "in_channels", "out_channels")}).eval()
+    edm_net.model.load_state_dict(song_net.state_dict())
+    wrapped = EDMPrecond(ours, 0.5).eval()
+    loss_cfg = OmegaConf.create({"name": "edm", "P_mean": -1.2, "P_std": 1.2,
+                                 "sigma_data": 0.5, "augment_p": 0.12})
+    model_cfg = OmegaConf.create({"name": "ncsnpp", "embedding_type": "fourier",
+                                  "precond": "edm", "augment_dim": AUGMENT_DIM})
+    objective = registry.build_objective(loss_cfg, model_cfg, geometric_sigmas(80.0, 0.002, 18))
+    n = 16
+    y = torch.rand(n, 3, song["img_resolution"], song["img_resolution"]) * 2 - 1
+    torch.manual_seed(6)
+    reference = edm_losses.EDMLoss()(net=edm_net, images=y, labels=None,
+                                     augment_pipe=edm_pipe(edm_augment, 0.12))
+    torch.manual_seed(6)
+    per_sample, _ = objective(wrapped, y)
+    rows.append((f"loss=edm loss.augment_p=0.12, NCSN++ as SongUNet: per-sample loss, batch {n}",
+                 *difference(per_sample, reference.flatten(1).sum(1))))
+    their_grad, = torch.autograd.grad(reference.sum() / n, [edm_net.model.map_augment.weight])
+    our_grad, = torch.autograd.grad(per_sample.mean(), [ours.map_augment.weight])
+    rows.append(("loss=edm loss.augment_p=0.12: gradient of the batch loss in map_augment",
+                 *difference(our_grad, their_grad)))
 
 
 def main() -> None:
@@ -367,14 +472,16 @@ def main() -> None:
     parser.add_argument("--edm", type=Path, required=True, help="a checkout of NVlabs/edm")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    networks, edm_losses = load_edm(args.edm)
+    networks, edm_losses, edm_augment = load_edm(args.edm)
     networks.Tiny, networks.Probe, networks.NcsnUNet = Tiny, Probe, NcsnUNet
     rows: list = []
     for kind in ("edm", "ve"):
         check_precond(networks, kind, rows)
-    check_network(networks, rows)
+    pair = check_network(networks, rows)
     check_loss(networks, edm_losses, "edm", "edm", rows)
     check_loss(networks, edm_losses, "ve_edm", "ve", rows)
+    check_augment(edm_augment, rows)
+    check_augmented_loss(networks, edm_losses, edm_augment, pair, rows)
     print("| compared (float32) | max abs difference | relative (to EDM's max abs value) |")
     print("|---|---|---|")
     for name, diff, rel in rows:

@@ -441,3 +441,17 @@ def check_levels(shape, ch_mult, attn_resolutions, network: str, this: str) -> N
     if unused:
         raise ValueError(f"attn_resolutions {unused} are not among {this}'s "
                          f"resolutions {heights} (image height {shape[1]}, ch_mult {ch_mult})")
+
+
+def augment_embedding(augment_dim: int, features: int) -> nn.Linear | None:
+    """EDM's ``map_augment``: a bias-free linear map of the ``augment_dim`` augmentation labels
+    to the noise features, Xavier-uniform as SongUNet's (None for ``augment_dim=0``). Without
+    a bias, zero labels (no augmentation, at sampling) add nothing: the non-leaky condition."""
+    if augment_dim < 0:
+        raise ValueError(f"augment_dim must be 0 (off) or the number of augmentation labels, "
+                         f"got {augment_dim}")
+    if augment_dim == 0:
+        return None
+    layer = nn.Linear(augment_dim, features, bias=False)
+    nn.init.xavier_uniform_(layer.weight)
+    return layer

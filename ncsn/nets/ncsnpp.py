@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.nets.layers import GaussianFourierProjection, check_levels, group_norm
+from ncsn.nets.layers import (GaussianFourierProjection, augment_embedding, check_levels,
+                              group_norm)
 from ncsn.noise import sigma_index
 
 
@@ -49,6 +50,8 @@ class NCSNppConfig:
     embedding_type: str = "fourier"  # fourier (of log sigma) | positional (of the table index)
     scale_by_sigma: bool = True      # divide the output by sigma
     centered: bool = False           # data already in [-1, 1]; false: 2x - 1 inside
+    augment_dim: int = 0             # EDM's augmentation labels embedded (9 with loss.augment_p
+                                     # > 0); 0: none
     precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
                                      # the network (ncsn/nets/precond.py)
     sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
@@ -428,6 +431,10 @@ class NCSNpp(_Resampler):
             sinusoids of sigma's index in ``sigmas``: the table's levels only).
         scale_by_sigma: divide the output by sigma (NCSNv2, Technique 3).
         centered: the data is in [-1, 1] already; ``False``: the network sees 2x - 1.
+        augment_dim: EDM's augmentation labels (:mod:`ncsn.augment`; 0: none). A bias-free
+            linear map of them (SongUNet's ``map_augment``) is added to the noise features
+            before the MLP; ``forward``'s ``augment_labels`` ``(B, augment_dim)`` are given in
+            training only, and absent (zero: no augmentation) when sampling.
 
     score_sde's ``model.conv_size`` and ``model.attention_type`` are read by none of its
     networks; its NCSN++ configurations all use swish (SiLU), as here.
@@ -442,7 +449,7 @@ class NCSNpp(_Resampler):
                  progressive_input: str = "residual", progressive_combine: str = "sum",
                  fourier_scale: float = 16.0, init_scale: float = 0.0,
                  embedding_type: str = "fourier", scale_by_sigma: bool = True,
-                 centered: bool = False):
+                 centered: bool = False, augment_dim: int = 0):
         super().__init__(fir, fir_kernel)
         ch_mult, attn = list(ch_mult), set(attn_resolutions)
         _check_arguments(shape, ch_mult, attn, resblock_type, progressive, progressive_input,
@@ -471,10 +478,13 @@ class NCSNpp(_Resampler):
         if progressive != "output_skip":
             self.norm_out = group_norm(width)
             self.conv_out = conv2d(width, shape[0], init_scale=init_scale)
+        # last, so that the other weights are drawn as without it
+        self.map_augment = augment_embedding(augment_dim, embed_dim)
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """``x`` of shape ``(B, C, H, W)``, ``sigma`` of shape ``(B,)`` -> ``(B, C, H, W)``."""
-        emb, sigma = self._embed(sigma)                                     # (B, 4 nf)
+    def forward(self, x: Tensor, sigma: Tensor, augment_labels: Tensor | None = None) -> Tensor:
+        """``x`` of shape ``(B, C, H, W)``, ``sigma`` of shape ``(B,)``, ``augment_labels``
+        ``(B, augment_dim)`` or None (no augmentation) -> ``(B, C, H, W)``."""
+        emb, sigma = self._embed(sigma, augment_labels)                     # (B, 4 nf)
         if not self.centered:
             x = 2 * x - 1                                                   # [0, 1] -> [-1, 1]
         hs = self._encode(x, emb)
@@ -482,13 +492,19 @@ class NCSNpp(_Resampler):
         h = self._decode(h, hs, emb)
         return h / sigma.to(h.dtype)[:, None, None, None] if self.scale_by_sigma else h
 
-    def _embed(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def _embed(self, sigma: Tensor, augment_labels: Tensor | None = None
+               ) -> tuple[Tensor, Tensor]:
         """The noise embedding ``(B, 4 nf)``, and the sigma to divide the output by (with
         the positional embedding: the table's level)."""
         if self.fourier is not None:
-            return self.embed(self.fourier(sigma.log())), sigma
-        index = sigma_index(sigma, self.sigmas)
-        return self.embed(timestep_embedding(index, self.nf)), self.sigmas[index]
+            features = self.fourier(sigma.log())
+        else:
+            index = sigma_index(sigma, self.sigmas)
+            features, sigma = timestep_embedding(index, self.nf), self.sigmas[index]
+        if self.map_augment is not None and augment_labels is not None:
+            # EDM (SongUNet): the augmentation labels' embedding joins the noise features
+            features = features + self.map_augment(augment_labels.to(features.dtype))
+        return self.embed(features), sigma
 
     def _resample(self, module: nn.Module, h: Tensor, emb: Tensor) -> Tensor:
         return module(h, emb) if self.biggan else module(h)

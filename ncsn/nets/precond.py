@@ -38,6 +38,12 @@ def _broadcast(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))    # (B, 1, ..., 1)
 
 
+def augment_keywords(augment_labels: Tensor | None) -> dict:
+    """The keyword that passes augmentation labels to a network: none without them, so that
+    every network, with or without the option, is still called as ``net(x, sigma)``."""
+    return {} if augment_labels is None else {"augment_labels": augment_labels}
+
+
 class Preconditioned(nn.Module):
     """D(x; sigma) = c_skip x + c_out F(c_in x; exp(c_noise)) around ``net`` (EDM, eq. 7);
     called as ``(x, sigma)``, ``x`` of shape ``(B, ...)`` and ``sigma`` of shape ``(B,)``, it
@@ -60,15 +66,17 @@ class Preconditioned(nn.Module):
     def c_noise(self, sigma: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """EDM's D(x; sigma), of ``x``'s shape."""
+    def denoise(self, x: Tensor, sigma: Tensor, augment_labels: Tensor | None = None) -> Tensor:
+        """EDM's D(x; sigma), of ``x``'s shape; ``augment_labels`` ``(B, augment_dim)``, in
+        training with EDM's augmentation only, reach the inner network (:mod:`ncsn.augment`)."""
         s = _broadcast(sigma, x)
-        F_x = self.net(self.c_in(s) * x, self.c_noise(sigma).exp())
+        F_x = self.net(self.c_in(s) * x, self.c_noise(sigma).exp(),
+                       **augment_keywords(augment_labels))
         return self.c_skip(s) * x + self.c_out(s) * F_x.to(x.dtype)
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, augment_labels: Tensor | None = None) -> Tensor:
         # EDM, eq. 3: grad_x log p(x; sigma) = (D(x; sigma) - x) / sigma^2
-        return (self.denoise(x, sigma) - x) / _broadcast(sigma, x) ** 2
+        return (self.denoise(x, sigma, augment_labels) - x) / _broadcast(sigma, x) ** 2
 
 
 class EDMPrecond(Preconditioned):

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncsn.nets.layers import (AttentionBlock, Downsample, GaussianFourierProjection, ResBlock,
-                              SinusoidalEmbedding, Upsample, check_levels, conv3x3, group_norm,
-                              zero_init)
+                              SinusoidalEmbedding, Upsample, augment_embedding, check_levels,
+                              conv3x3, group_norm, zero_init)
 
 
 @dataclass
@@ -30,6 +30,8 @@ class UNetConfig:
     embedding: str = "fourier"       # fourier | sinusoidal, of log sigma
     fourier_scale: float = 16.0      # std of the Fourier frequencies (NCSN++)
     scale_by_sigma: bool = True      # divide the output by sigma (NCSNv2, Technique 3)
+    augment_dim: int = 0             # EDM's augmentation labels embedded (9 with loss.augment_p
+                                     # > 0); 0: none
     precond: str = "none"            # none | edm | ve: NVlabs/edm's EDMPrecond or VEPrecond around
                                      # the network (ncsn/nets/precond.py)
     sigma_data: float = 0.5          # precond=edm: the data's standard deviation (EDM's sigma_data)
@@ -67,13 +69,15 @@ class UNet(nn.Module):
             (Transformer positional encoding), both of log sigma.
         fourier_scale: standard deviation of the Fourier frequencies.
         scale_by_sigma: divide the output by sigma (NCSNv2, Technique 3).
+        augment_dim: EDM's augmentation labels (:mod:`ncsn.augment`; 0: none), embedded as
+            NCSN++'s (a bias-free linear map added to the features of log sigma).
     """
 
     def __init__(self, shape: tuple[int, int, int], sigmas: Tensor | None = None,
                  ch: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1,
                  embedding: str = "fourier", fourier_scale: float = 16.0,
-                 scale_by_sigma: bool = True):
+                 scale_by_sigma: bool = True, augment_dim: int = 0):
         super().__init__()
         ch_mult, attn_resolutions = list(ch_mult), list(attn_resolutions)
         _check_arguments(shape, ch_mult, attn_resolutions, embedding)
@@ -91,10 +95,15 @@ class UNet(nn.Module):
         self.up = _up_path(**args, skip_chs=skip_chs)
         self.norm_out = group_norm(ch * ch_mult[0])
         self.conv_out = zero_init(conv3x3(ch * ch_mult[0], shape[0]))
+        self.map_augment = augment_embedding(augment_dim, ch)     # last: other weights as without
 
-    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """``x`` of shape ``(B, C, H, W)``, ``sigma`` of shape ``(B,)`` -> ``(B, C, H, W)``."""
-        emb = self.embed(sigma.log())                               # (B, 4 ch)
+    def forward(self, x: Tensor, sigma: Tensor, augment_labels: Tensor | None = None) -> Tensor:
+        """``x`` of shape ``(B, C, H, W)``, ``sigma`` of shape ``(B,)``, ``augment_labels``
+        ``(B, augment_dim)`` or None (no augmentation) -> ``(B, C, H, W)``."""
+        features = self.embed[0](sigma.log())                       # (B, ch)
+        if self.map_augment is not None and augment_labels is not None:
+            features = features + self.map_augment(augment_labels.to(features.dtype))
+        emb = self.embed[1:](features)                              # (B, 4 ch)
         h, skips = self._encode(self.conv_in(x), emb)
         h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
         h = self._decode(h, skips, emb)
