@@ -374,7 +374,14 @@ class _EDMObjective(ObjectiveSpec):
 
     def loss(self, sigmas: Tensor) -> Objective:
         augment = AugmentPipe(p=self.augment_p) if self.augment_p > 0 else None
+        objective = self._objective(sigmas, augment)
+        if augment is not None:
+            # The held-out loss on the images as sampling sees them: not augmented, no labels
+            # (the non-leaky condition), so that it does not move with the augmentation draws.
+            objective.held_out = self._objective(sigmas, None)
+        return objective
 
+    def _objective(self, sigmas: Tensor, augment: AugmentPipe | None) -> Objective:
         def edm_objective(net, x):
             sigma, weight = self.sigmas_and_weights(x.shape[0], x)
             # EDM's loss: the clean images augmented after sigma is drawn, before the noise;

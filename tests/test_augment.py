@@ -148,6 +148,20 @@ def test_the_loss_draws_sigma_then_the_augmentation_then_the_noise():
     torch.testing.assert_close(per_sample, losses.edm_weight(sigma) * n.flatten(1).pow(2).sum(1))
 
 
+def test_the_held_out_loss_sees_the_images_unaugmented_and_no_labels():
+    loss_cfg = compose_train(["loss=edm", "loss.augment_p=1"]).loss
+    model_cfg = compose_train(["dataset=cifar10", "model=ncsnpp", "model.augment_dim=9"]).model
+    objective = registry.build_objective(loss_cfg, model_cfg, geometric_sigmas(80.0, 0.002, 18))
+    x, net = images(16), Recorder()
+    torch.manual_seed(5)
+    per_sample, _ = objective.held_out(net, x)
+    torch.manual_seed(5)
+    sigma = losses.edm_sigmas(16, like=x)
+    n = torch.randn_like(x) * sigma[:, None, None, None]          # no augmentation drawn
+    assert net.labels is None
+    torch.testing.assert_close(per_sample, losses.edm_weight(sigma) * n.flatten(1).pow(2).sum(1))
+
+
 # ----------------------------------------------------------------------------- refusals
 CIFAR = ["dataset=cifar10", "model=ncsnpp", "model.precond=edm", "model.scale_by_sigma=false"]
 
