@@ -186,7 +186,8 @@ class TopPrior(nn.Module):
         super().__init__()
         self.shape = tuple(shape)
         c = shape[0]
-        self.net = zero_conv(2 * c, 2 * c) if len(shape) == 3 else ZeroScaled(nn.Linear(2 * c, 2 * c))
+        image = len(shape) == 3
+        self.net = zero_conv(2 * c, 2 * c) if image else ZeroScaled(nn.Linear(2 * c, 2 * c))
 
     def _mean_logs(self, like: Tensor) -> tuple[Tensor, Tensor]:
         c = self.shape[0]
