@@ -108,12 +108,14 @@ class RealNVPConfig:
 @dataclass
 class GlowConfig:
     name: str = "glow"
-    n_levels: int = 2                # images: levels L (squeeze, steps, split)
-    depth: int = 8                   # steps of flow K per level (points: in all)
-    hidden: int = 128                # channels (images) or units (points) of the coupling nets
+    n_levels: int = 2                # images: levels L (squeeze, K steps, split); openai/glow's
+                                     # --n_levels
+    depth: int = 8                   # steps of flow K per level (points: in all); --depth
+    hidden: int = 128                # channels (images) or units (points) of the coupling
+                                     # networks; --width
     lu: bool = True                  # LU-decomposed 1x1 convolution; false: the plain one
-    learned_prior: bool = True       # the factored-out halves' prior from the kept half
-    prior: str = "gaussian"
+    coupling: str = "affine"         # affine | additive; --flow_coupling 1 | 0
+    learn_top: bool = True           # the learned prior of the last level; --learntop
 
 
 # ----------------------------------------------------------------------------- noise

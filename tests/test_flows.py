@@ -15,6 +15,8 @@ from ncsn.flows import (ExactSample, Flow, LogDensity, glow, negative_log_likeli
 from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
                                DiagonalScaling, InvertibleConv1x1, Sequence, Squeeze,
                                alternating_mask, channel_mask, checkerboard_mask)
+from ncsn.flows.glow import (Coupling, SplitPrior, TopPrior, coupling_net, edge_padded,
+                             flow_step)
 from ncsn.flows.models import conv_net, mlp, prior_from_normal
 from ncsn.flows.objective import exact_samples, nll_objective
 
@@ -74,6 +76,14 @@ def layers():
         # evaluation mode: the running averages
         "batch_norm_points": (batch_norm_with_running_statistics(4), (4,)),
         "batch_norm_images": (batch_norm_with_running_statistics(3), (3, 2, 2)),
+        # Glow (issue 17)
+        "glow_coupling_affine": (Coupling(4, coupling_net(2, 4, 4)), (4, 2, 2)),
+        "glow_coupling_additive": (Coupling(4, coupling_net(2, 4, 2), affine=False), (4, 2, 2)),
+        "glow_coupling_points": (Coupling(3, coupling_net(1, 4, 4, image=False)), (3,)),
+        "glow_split_prior": (SplitPrior(4), (4, 2, 2)),
+        "glow_top_prior": (TopPrior((2, 3, 3)), (2, 3, 3)),
+        "glow_top_prior_points": (TopPrior((3,)), (3,)),
+        "glow_step": (Sequence(flow_step(4, 4, lu=True, coupling="affine")), (4, 2, 2)),
     }
 
 
@@ -102,6 +112,10 @@ def models():
         "glow_points": glow((4,), depth=2, hidden=8),
         "glow_images": glow((1, 4, 4), n_levels=2, depth=2, hidden=4),
         "glow_images_plain": glow((1, 4, 4), n_levels=2, depth=1, hidden=4, lu=False),
+        # Glow (issue 17)
+        "glow_images_additive_no_top": glow((1, 4, 4), n_levels=2, depth=1, hidden=4,
+                                            coupling="additive", learn_top=False),
+        "glow_images_three_levels": glow((1, 8, 8), n_levels=3, depth=1, hidden=4),
     }
 
 
@@ -278,7 +292,7 @@ def test_odd_sizes_are_refused_in_one_line():
         realnvp((1, 5, 5), n_scales=2)
     assert "\n" not in str(err.value)
     cfg = OmegaConf.create({"name": "glow", "n_levels": 2, "depth": 1, "hidden": 4, "lu": True,
-                            "learned_prior": True, "prior": "gaussian"})
+                            "coupling": "affine", "learn_top": True})
     with pytest.raises(registry.ConfigError, match="model=glow: .*must divide by 4"):
         registry.build_model(cfg, (1, 6, 6), torch.ones(1))
     with pytest.raises(ValueError, match="squeeze halves height and width, but the images are 3x3"):
@@ -520,3 +534,104 @@ def test_realnvp_keys_for_the_other_kind_of_data_are_refused_not_ignored():
         else:
             with pytest.raises(registry.ConfigError, match=error):
                 registry.build_model(cfg.model, (1, 8, 8), torch.ones(1))
+
+
+# ----------------------------------------------------------------------------- Glow (issue 17)
+GLOW_KEYS = {"n_levels": 3, "depth": 2, "hidden": 6, "lu": False, "coupling": "additive",
+             "learn_top": False}
+
+
+def glow_structure(**keys):
+    """{parameter name: shape} of Glow on 1x8x8 images built through the registry."""
+    cfg = OmegaConf.create({"name": "glow", "n_levels": 2, "depth": 1, "hidden": 4, "lu": True,
+                            "coupling": "affine", "learn_top": True, **keys})
+    net = registry.build_model(cfg, (1, 8, 8), torch.ones(1))
+    return {name: tuple(p.shape) for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("key", list(GLOW_KEYS))
+def test_every_glow_key_changes_the_network_on_images(key):
+    assert glow_structure(**{key: GLOW_KEYS[key]}) != glow_structure()
+
+
+def test_glow_keys_are_the_whole_model_config():
+    from ncsn.config import GlowConfig
+
+    assert set(GlowConfig.__dataclass_fields__) == {"name", *GLOW_KEYS}
+
+
+@pytest.mark.parametrize("lu", [False, True])
+def test_glow_has_openai_glows_variables(lu):
+    """The parameter count is the number of trainable values in openai/glow's model.py for
+    the same flags, counted from its variable shapes: per step at C channels actnorm (2C),
+    the 1x1 convolution (W: C^2; LU: L, U and log_S, 2C^2 + C), and f (l_1: 3x3 x (C/2 + 1)
+    x width and an actnorm, l_2: width^2 and an actnorm, l_last: 3x3 x (width + 1) x C, b
+    and logs); per split a conv2d_zeros (C/2 + 1 -> C); at the top one (2n + 1 -> 2n)."""
+    width, depth = 5, 2
+
+    def step(c):
+        conv = 2 * c * c + c if lu else c * c
+        f = (9 * (c // 2 + 1) * width + 2 * width + width * width + 2 * width
+             + 9 * (width + 1) * c + 2 * c)
+        return 2 * c + conv + f
+
+    def zeros(c_in, c_out):
+        return 9 * (c_in + 1) * c_out + 2 * c_out
+    # 1x8x8 -> 4x4x4, split to 2 -> 8x2x2, split to 4 -> 16x1x1
+    expected = (depth * (step(4) + step(8) + step(16)) + zeros(2, 4) + zeros(4, 8)
+                + zeros(32, 32))
+    net = glow((1, 8, 8), n_levels=3, depth=depth, hidden=width, lu=lu)
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+
+def test_the_additive_couplings_log_det_is_exactly_zero():
+    coupling = perturbed(Coupling(4, coupling_net(2, 4, 2), affine=False))
+    x = torch.randn(3, 4, 2, 2)
+    y, log_det = coupling(x)
+    assert not torch.equal(y, x)
+    assert torch.equal(log_det, torch.zeros(3))
+    assert torch.equal(coupling.inverse(y)[1], torch.zeros(3))
+
+
+def test_glows_coupling_passes_the_first_half_and_conditions_the_second_on_it():
+    coupling = perturbed(Coupling(4, coupling_net(2, 4, 4)))
+    x = torch.randn(3, 4, 2, 2)
+    y, _ = coupling(x)
+    assert torch.equal(y[:, :2], x[:, :2])
+    moved = x.clone()
+    moved[:, :2] += 1.0
+    assert not torch.allclose(coupling(moved)[0][:, 2:], y[:, 2:])
+
+
+def test_zero_initialised_glow_starts_at_the_identity_but_for_the_codes_sigmoid_scale():
+    """NN() ends in a zero convolution: at the start the additive coupling, the split prior
+    and the top prior are the identity (log-det 0); the affine coupling scales z2 by
+    sigmoid(0 + 2), the code's form (the paper's exp(log s) would start at 1). A fresh step
+    (uninitialised actnorm, additive) is then its 1x1 convolution alone."""
+    x = torch.randn(3, 4, 2, 2)
+    for layer in (Coupling(4, coupling_net(2, 4, 2).double(), affine=False),
+                  SplitPrior(4).double(), TopPrior((4, 2, 2)).double()):
+        y, log_det = layer(x)
+        assert torch.equal(y, x) and torch.equal(log_det, torch.zeros(3))
+    y, log_det = Coupling(4, coupling_net(2, 4, 4).double())(x)
+    scale = torch.sigmoid(torch.tensor(2.0))
+    assert torch.allclose(y, torch.cat([x[:, :2], scale * x[:, 2:]], 1))
+    assert torch.allclose(log_det, torch.full((3,), 8 * torch.log(scale).item()))
+    step = Sequence(flow_step(4, 4, lu=False, coupling="additive")).double().eval()
+    w = step.layers[1].weight
+    assert torch.allclose(step(x)[0], torch.einsum("ij,bjhw->bihw", w, x))
+
+
+def test_edge_padding_marks_the_border_for_the_3x3_convolutions():
+    padded = edge_padded(torch.randn(2, 3, 4, 5))
+    assert padded.shape == (2, 4, 6, 7)
+    border = torch.ones(6, 7)
+    border[1:-1, 1:-1] = 0
+    assert torch.equal(padded[:, 3], border.expand(2, 6, 7))
+    assert torch.equal(padded[:, :3, 0], torch.zeros(2, 3, 7))
+
+
+def test_an_unknown_glow_coupling_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="model.coupling must be one of affine, additive") as err:
+        glow((1, 4, 4), coupling="volume")
+    assert "\n" not in str(err.value)

@@ -145,13 +145,22 @@ class ActNorm(nn.Module):
     divides by std + 1e-6). A batch with a channel of no spread (a single point, the
     trainer's all-zero probe for counting FLOPs) cannot be standardised and leaves it
     uninitialised. ``initialized`` is a buffer, so checkpoints carry it.
+
+    ``logscale_factor``: the parameter ``log_scale`` holds log s / logscale_factor, as
+    Glow's code (tfops.actnorm_scale, logscale_factor=3) stores it: the same map, but an
+    optimiser's steps in log s are that many times larger.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, logscale_factor: float = 1.0):
         super().__init__()
+        self.logscale_factor = logscale_factor
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(0.0))
+
+    def log_s(self) -> Tensor:
+        """log s (C,)."""
+        return self.logscale_factor * self.log_scale
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -163,18 +172,20 @@ class ActNorm(nn.Module):
         if not bool((std > 0).all()):
             return
         self.bias.copy_(-mean)
-        self.log_scale.copy_(-torch.log(std + 1e-6))
+        self.log_scale.copy_(-torch.log(std + 1e-6) / self.logscale_factor)
         self.initialized.fill_(1.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training and not self.initialized:
             self.initialize(x)
-        y = (x + _per_channel(self.bias, x)) * _per_channel(self.log_scale, x).exp()
-        return y, (_pixels(x) * self.log_scale.sum()).expand(x.shape[0])
+        log_s = self.log_s()
+        y = (x + _per_channel(self.bias, x)) * _per_channel(log_s, x).exp()
+        return y, (_pixels(x) * log_s.sum()).expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        x = y * _per_channel(-self.log_scale, y).exp() - _per_channel(self.bias, y)
-        return x, (-_pixels(y) * self.log_scale.sum()).expand(y.shape[0])
+        log_s = self.log_s()
+        x = y * _per_channel(-log_s, y).exp() - _per_channel(self.bias, y)
+        return x, (-_pixels(y) * log_s.sum()).expand(y.shape[0])
 
 
 class BatchNorm(nn.Module):
@@ -310,40 +321,21 @@ class Sequence(nn.Module):
 
 
 class MultiScale(nn.Module):
-    """RealNVP's multi-scale architecture (Sec. 3.6) with Glow's learned prior for the
-    factored-out half: ``steps`` map x to an image of ``shape`` (C, H, W); its last C/2
-    channels z2 leave, and the first half z1 goes on through ``rest`` (the next scale).
-
-    Glow's split (its code's ``split2d``) models z2 ~ N(mu(z1), exp(log_sigma(z1))^2) with
-    (mu, log_sigma) from a zero-initialised convolution of z1. Here that prior is written as
-    the bijection eps2 = (z2 - mu) exp(-log_sigma) (log-det -sum log_sigma) followed by a
-    standard normal on eps2: the same density, and sampling at temperature T draws eps2 with
-    std T, as Glow's code does. ``learned_prior=False``: eps2 = z2 (RealNVP).
-    Output flat (B, D): the factored-out eps2 first, then ``rest``'s (flat) output.
+    """RealNVP's multi-scale architecture (Sec. 3.6): ``steps`` map x to an image of
+    ``shape`` (C, H, W); its last C/2 channels leave under the standard prior, and the first
+    half goes on through ``rest`` (the next scale). Glow's learned prior for the leaving half
+    is a layer at the end of ``steps`` (:class:`ncsn.flows.glow.SplitPrior`).
+    Output flat (B, D): the factored-out half first, then ``rest``'s (flat) output.
     """
 
-    def __init__(self, steps: nn.Module, shape: tuple[int, int, int], rest: nn.Module,
-                 learned_prior: bool = False):
+    def __init__(self, steps: nn.Module, shape: tuple[int, int, int], rest: nn.Module):
         super().__init__()
         self.steps, self.rest, self.shape = steps, rest, tuple(shape)
-        c = shape[0]
-        self.keep = c - c // 2
-        self.prior = None
-        if learned_prior:
-            self.prior = nn.Conv2d(self.keep, 2 * (c // 2), 3, padding=1)
-            nn.init.zeros_(self.prior.weight)
-            nn.init.zeros_(self.prior.bias)
-
-    def _mean_log_sigma(self, z1: Tensor) -> tuple[Tensor, Tensor]:
-        return self.prior(z1).chunk(2, dim=1)
+        self.keep = shape[0] - shape[0] // 2
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y, log_det = self.steps(x)
         z1, z2 = y[:, :self.keep], y[:, self.keep:]
-        if self.prior is not None:
-            mu, log_sigma = self._mean_log_sigma(z1)
-            z2 = (z2 - mu) * (-log_sigma).exp()
-            log_det = log_det - log_sigma.flatten(1).sum(1)
         rest, rest_log_det = self.rest(z1)
         return torch.cat([z2.flatten(1), rest], 1), log_det + rest_log_det
 
@@ -352,10 +344,6 @@ class MultiScale(nn.Module):
         n2 = (c - self.keep) * h * w
         z2 = z[:, :n2].reshape(-1, c - self.keep, h, w)
         z1, log_det = self.rest.inverse(z[:, n2:])
-        if self.prior is not None:
-            mu, log_sigma = self._mean_log_sigma(z1)
-            z2 = z2 * log_sigma.exp() + mu
-            log_det = log_det + log_sigma.flatten(1).sum(1)
         x, steps_log_det = self.steps.inverse(torch.cat([z1, z2], 1))
         return x, log_det + steps_log_det
 

@@ -1,4 +1,5 @@
-"""NICE, RealNVP and Glow: exact-likelihood models that stand where a score network stands.
+"""NICE and RealNVP, and the :class:`Flow` that every flow (Glow: ncsn.flows.glow) is: exact-
+likelihood models that stand where a score network stands.
 
 A :class:`Flow` is a bijection f from data x (B, *shape) to a flat latent z (B, D) with a
 factorised prior p_Z, so that (change of variables, NICE eq. 1)
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
-                               DiagonalScaling, Flatten, InvertibleConv1x1, MultiScale, Sequence,
-                               Squeeze, alternating_mask, channel_mask, checkerboard_mask)
+                               DiagonalScaling, Flatten, MultiScale, Sequence, Squeeze,
+                               alternating_mask, channel_mask, checkerboard_mask)
 from ncsn.nets.mlp import make_activation
 
 PRIORS = ("gaussian", "logistic")
@@ -280,49 +281,3 @@ def _realnvp_scale(shape: tuple[int, int, int], n_scales: int, hidden: int,
     kept = (4 * c - 2 * c, h // 2, w // 2)
     return MultiScale(Sequence(steps), squeezed,
                       _realnvp_scale(kept, n_scales - 1, hidden, norm))
-
-
-# ----------------------------------------------------------------------------- Glow
-def glow(shape: tuple[int, ...], n_levels: int = 2, depth: int = 8, hidden: int = 128,
-         lu: bool = True, learned_prior: bool = True, prior: str = "gaussian") -> Flow:
-    """Glow (Kingma & Dhariwal 2018, Fig. 2). Images: ``n_levels`` levels, each a squeeze,
-    ``depth`` steps of flow (actnorm, invertible 1x1 convolution, affine coupling) and, but
-    for the last, a split with the learned prior. Points: ``depth`` steps of flow on the
-    coordinates (the 1x1 convolution is then a D x D matrix). ``lu``: the LU-decomposed
-    1x1 convolution (eq. 10) or the plain one."""
-    if len(shape) == 1:
-        dim = shape[0]
-        if dim < 2:
-            raise ValueError(f"Glow's coupling splits the coordinates in two, but the data "
-                             f"has {dim}")
-        return Flow(shape, Sequence(_glow_steps(dim, depth, lu, lambda c: mlp(
-            dim, hidden, 2, 2 * dim, True))), prior)
-    _check_squeezable(shape, n_levels, "model=glow")
-    return Flow(shape, _glow_level(tuple(shape), n_levels, depth, hidden, lu, learned_prior),
-                prior)
-
-
-def _glow_steps(channels: int, depth: int, lu: bool, make_net) -> list[nn.Module]:
-    layers = []
-    for _ in range(depth):
-        shape_mask = channel_mask((channels,), 1)        # z1 = first half conditions z2
-        layers += [ActNorm(channels), InvertibleConv1x1(channels, lu),
-                   AffineCoupling(shape_mask, make_net(channels), "sigmoid")]
-    return layers
-
-
-def _glow_level(shape: tuple[int, int, int], n_levels: int, depth: int, hidden: int, lu: bool,
-                learned_prior: bool) -> nn.Module:
-    c, h, w = shape
-    squeezed = (4 * c, h // 2, w // 2)
-    layers = [Squeeze()]
-    for _ in range(depth):
-        mask = channel_mask(squeezed, 1)
-        layers += [ActNorm(4 * c), InvertibleConv1x1(4 * c, lu),
-                   AffineCoupling(mask, conv_net(4 * c, hidden, 8 * c), "sigmoid")]
-    steps = Sequence(layers)
-    if n_levels == 1:
-        return Flatten(steps, squeezed)
-    kept = (4 * c - 2 * c, h // 2, w // 2)
-    return MultiScale(steps, squeezed, _glow_level(kept, n_levels - 1, depth, hidden, lu,
-                                                   learned_prior), learned_prior)
