@@ -84,6 +84,7 @@ class _RunningMoments(nn.Module):
         """(mu, var) (C,) for ``x`` (B, C, H, W)."""
         if not self.training:
             return self.running_mean, self.running_var
+        x = x.to(self.running_mean.dtype)         # bf16 activations: float32 statistics
         mean, var = distributed.global_moments(x.transpose(0, 1).flatten(1))
         with torch.no_grad():
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), MOMENTUM)
@@ -205,7 +206,8 @@ class _ResidualCoupling(nn.Module):
         self.out_norm = CouplingOutputNorm(channels) if batch_norm else None
 
     def _shift_log_scale(self, h: Tensor, free) -> tuple[Tensor, Tensor]:
-        t, pre = h.chunk(2, dim=1)                # the code: shift first, then log_rescaling
+        # In float32 under autocast, so that exp(s) and the log-det sum the same s.
+        t, pre = h.to(self.scale.dtype).chunk(2, dim=1)   # the code: shift, then log-scale
         log_s = self.scale * torch.tanh(pre)
         if self.scale_shift is not None:
             log_s = log_s + self.scale_shift
