@@ -54,9 +54,8 @@ class WeightNormConv2d(nn.Module):
         super().__init__()
         std = math.sqrt(2.0 / c_in)
         self.direction = nn.Parameter(torch.empty(c_out, c_in, kernel, kernel).uniform_(-std, std))
-        self.magnitude = (nn.Parameter(torch.full((c_out,), std * math.sqrt(kernel ** 2 * c_in
-                                                                                / 12)))
-                          if magnitude else None)
+        g0 = std * math.sqrt(kernel ** 2 * c_in / 12)
+        self.magnitude = nn.Parameter(torch.full((c_out,), g0)) if magnitude else None
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
         self.padding = kernel // 2
 
