@@ -95,13 +95,20 @@ class NICEConfig:
 
 @dataclass
 class RealNVPConfig:
-    name: str = "realnvp"
-    n_scales: Optional[int] = None   # images: scales of the multi-scale architecture (null: 2)
-    n_couplings: Optional[int] = None  # points: affine couplings with alternating masks (null: 4)
-    hidden: int = 64                 # channels (images) or units (points) of the coupling nets
-    n_hidden: Optional[int] = None   # points: hidden layers of each coupling MLP (null: 2)
-                                     # (a key for the other kind of data is refused, not ignored)
-    norm: str = "actnorm"            # after every coupling: actnorm | batch (the paper's) | none
+    name: str = "realnvp"            # RealNVP as its authors' code (tensorflow/models real_nvp)
+    n_scales: Optional[int] = None   # images: scales of the multi-scale architecture (null: 2);
+                                     # points have none, and refuse it
+    n_couplings: Optional[int] = None  # images: couplings of each mask per scale, checkerboard
+                                     # then channel-wise (the last scale: one more checkerboard)
+                                     # (null: 3); points: couplings (null: 4)
+    hidden: int = 64                 # images: feature maps of the coupling ResNets at the first
+                                     # scale (doubled per scale and for the channel-wise
+                                     # couplings, the code's base_dim); points: MLP units
+    n_hidden: int = 2                # images: residual blocks per coupling ResNet (the code's
+                                     # residual_blocks); points: hidden layers per coupling MLP
+    norm: str = "batch"              # batch (the paper's: batch norm in the ResNets and on every
+                                     # coupling's output) | actnorm (none in them, Glow's actnorm
+                                     # after every coupling) | none
     prior: str = "gaussian"
 
 

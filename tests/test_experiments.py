@@ -25,7 +25,7 @@ IMAGE_SIZE = 16
 # Small widths for each model option; everything else stays as the experiment sets it.
 TINY_MODEL = {"ncsn": ["model.ngf=8"], "ncsnv2": ["model.ngf=8"],
               "unet": ["model.ch=8", "model.ch_mult=[1,2]", "model.attn_resolutions=[]"],
-              "nice": ["model.hidden=16", "model.n_hidden=1"], "realnvp": ["model.hidden=8"],
+              "nice": ["model.hidden=16", "model.n_hidden=1"], "realnvp": ["model.hidden=8", "model.n_hidden=1"],
               "glow": ["model.hidden=8", "model.depth=1"],
               "ncsnpp": ["model.nf=8", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
                          "model.attn_resolutions=[]"]}

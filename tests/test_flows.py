@@ -19,6 +19,7 @@ from ncsn.flows.glow import (Coupling, SplitPrior, TopPrior, coupling_net, edge_
                              flow_step)
 from ncsn.flows.models import conv_net, mlp, prior_from_normal
 from ncsn.flows.objective import exact_samples, nll_objective
+from ncsn.flows.realnvp import ChannelCoupling, CheckerboardCoupling, CheckerboardSplitOrder
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +58,17 @@ def batch_norm_with_running_statistics(channels):
     return norm
 
 
+def random_running_statistics(module):
+    """``module`` with every batch norm's running averages random, not their (0, 1) start."""
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name.endswith("running_mean"):
+                buffer.copy_(torch.randn_like(buffer))
+            elif name.endswith("running_var"):
+                buffer.copy_(torch.rand_like(buffer) + 0.5)
+    return module
+
+
 def layers():
     return {
         "additive": (AdditiveCoupling(alternating_mask(4, 0), mlp(4, 8, 2, 4, False)), (4,)),
@@ -84,6 +96,15 @@ def layers():
         "glow_top_prior": (TopPrior((2, 3, 3)), (2, 3, 3)),
         "glow_top_prior_points": (TopPrior((3,)), (3,)),
         "glow_step": (Sequence(flow_step(4, 4, lu=True, coupling="affine")), (4, 2, 2)),
+        # RealNVP (issue 17): the authors' code's couplings, with and without batch norm
+        "realnvp_checkerboard_batch": (random_running_statistics(
+            CheckerboardCoupling((2, 4, 4), 1, 4, 1, batch_norm=True)), (2, 4, 4)),
+        "realnvp_checkerboard_none": (CheckerboardCoupling((2, 4, 4), 0, 4, 1, batch_norm=False),
+                                      (2, 4, 4)),
+        "realnvp_channel_batch": (random_running_statistics(
+            ChannelCoupling(4, 0, 4, 1, batch_norm=True)), (4, 2, 2)),
+        "realnvp_channel_none": (ChannelCoupling(4, 1, 4, 1, batch_norm=False), (4, 2, 2)),
+        "realnvp_split_order": (CheckerboardSplitOrder(8), (8, 2, 2)),
     }
 
 
@@ -116,6 +137,11 @@ def models():
         "glow_images_additive_no_top": glow((1, 4, 4), n_levels=2, depth=1, hidden=4,
                                             coupling="additive", learn_top=False),
         "glow_images_three_levels": glow((1, 8, 8), n_levels=3, depth=1, hidden=4),
+        # RealNVP (issue 17): each model.norm, and three scales
+        "realnvp_images_none": realnvp((1, 4, 4), hidden=4, n_hidden=1, norm="none"),
+        "realnvp_images_actnorm": realnvp((1, 4, 4), hidden=4, n_hidden=1, norm="actnorm"),
+        "realnvp_images_three_scales": with_running_statistics(
+            realnvp((1, 8, 8), n_scales=3, n_couplings=1, hidden=2, n_hidden=1), (1, 8, 8)),
     }
 
 
@@ -438,7 +464,9 @@ def test_a_batch_normed_realnvp_keeps_its_running_statistics_through_a_checkpoin
     trained = with_running_statistics(realnvp((1, 4, 4), hidden=4, norm="batch"), (1, 4, 4))
     state = trained.state_dict()
     running = [k for k in state if k.endswith("running_mean") or k.endswith("running_var")]
-    assert len(running) == 2 * 10                # 3 + 3 couplings, then 4 at the last scale
+    # 3 + 3 couplings, then 4 at the last scale, each with its output's batch norm and its
+    # ResNet's: the input's, two per residual block (2 by default), the output's.
+    assert len(running) == 2 * 10 * (1 + 1 + 2 * 2 + 1)
     torch.save(state, tmp_path / "flow.pt")
     restored = realnvp((1, 4, 4), hidden=4, norm="batch")
     restored.load_state_dict(torch.load(tmp_path / "flow.pt", weights_only=True))
@@ -512,28 +540,18 @@ def test_pictures_and_flop_counts_leave_a_batch_normalised_flows_running_average
         assert torch.equal(plain[key], pictures[key]), key
 
 
-def test_realnvp_keys_for_the_other_kind_of_data_are_refused_not_ignored():
+def test_realnvp_scales_are_refused_for_points_not_ignored():
     from conftest import compose_train
 
-    # n_couplings and n_hidden shape RealNVP on points (the parameter count follows them);
-    # on images they would be ignored, so they are refused, naming what to set instead.
-    def count(**keys):
-        return sum(p.numel() for p in realnvp((2,), hidden=8, **keys).parameters())
-    assert count(n_couplings=6) > count() > count(n_couplings=2)
-    assert count(n_hidden=3) > count()
-    for keys in ({"n_couplings": 6}, {"n_hidden": 3}):
-        with pytest.raises(ValueError, match=r"do not apply to images: .*model.n_scales"):
-            realnvp((1, 4, 4), hidden=4, **keys)
-    with pytest.raises(ValueError, match=r"model.n_scales=2 do not apply to points"):
+    # Every other key shapes RealNVP on points and on images (tests/test_realnvp.py).
+    with pytest.raises(ValueError, match=r"model.n_scales=2 do not apply to points: .*"
+                       r"model.n_couplings and model.n_hidden") as err:
         realnvp((2,), n_scales=2)
-    for overrides, error in ((["model.n_couplings=6"], "model=realnvp: model.n_couplings=6"),
-                             (["model.n_scales=1"], None)):
-        cfg = compose_train(["experiment=realnvp_digits", *overrides])
-        if error is None:
-            registry.build_model(cfg.model, (1, 8, 8), torch.ones(1))
-        else:
-            with pytest.raises(registry.ConfigError, match=error):
-                registry.build_model(cfg.model, (1, 8, 8), torch.ones(1))
+    assert "\n" not in str(err.value)
+    cfg = compose_train(["dataset=moons", "model=realnvp", "loss=nll", "sampler=flow",
+                         "model.n_scales=2"])
+    with pytest.raises(registry.ConfigError, match="model=realnvp: model.n_scales=2"):
+        registry.build_model(cfg.model, (2,), torch.ones(1))
 
 
 # ----------------------------------------------------------------------------- Glow (issue 17)

@@ -34,7 +34,8 @@ FLOW_LR, FLOW_ATOL = "optim.lr=1e-7", 1e-5
 GLOW = ["experiment=glow_digits", FLOW_LR, "model.hidden=8", "model.depth=2", "trainer.batch_size=16",
         f"trainer.n_steps={STEPS}", f"trainer.ckpt_every={STEPS}", "trainer.n_plot_samples=0",
         "trainer.sample_every=0", "trainer.device=cpu"]
-REALNVP_BATCH_NORM = ["experiment=realnvp_digits", FLOW_LR, "model.hidden=8", "model.norm=batch",
+REALNVP_BATCH_NORM = ["experiment=realnvp_digits", FLOW_LR, "model.hidden=8", "model.n_hidden=1",
+                      "model.norm=batch",
                       "trainer.batch_size=16", f"trainer.n_steps={STEPS}",
                       f"trainer.ckpt_every={STEPS}", "trainer.n_plot_samples=0",
                       "trainer.sample_every=0", "trainer.device=cpu"]

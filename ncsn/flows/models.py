@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncsn.flows.layers import (ActNorm, AdditiveCoupling, AffineCoupling, BatchNorm,
-                               DiagonalScaling, Flatten, MultiScale, Sequence, Squeeze,
-                               alternating_mask, channel_mask, checkerboard_mask)
+from ncsn.flows.layers import (ActNorm, AdditiveCoupling, DiagonalScaling, Sequence,
+                               alternating_mask)
 from ncsn.nets.mlp import make_activation
 
 PRIORS = ("gaussian", "logistic")
@@ -93,7 +92,7 @@ def mlp(dim_in: int, hidden: int, n_hidden: int, dim_out: int, zero_last: bool,
 
 def conv_net(channels_in: int, hidden: int, channels_out: int) -> nn.Sequential:
     """Glow's coupling network NN(): 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3
-    conv. (RealNVP used residual networks; this smaller one serves both here.)"""
+    conv. (RealNVP's residual networks are in :mod:`ncsn.flows.realnvp`.)"""
     last = nn.Conv2d(hidden, channels_out, 3, padding=1)
     nn.init.zeros_(last.weight)
     nn.init.zeros_(last.bias)
@@ -212,72 +211,3 @@ def nice(shape: tuple[int, ...], n_couplings: int = 4, hidden: int = 1000, n_hid
     return Flow(shape, Sequence([*layers, DiagonalScaling((dim,))]), prior, flat_input=True)
 
 
-# ----------------------------------------------------------------------------- RealNVP
-REALNVP_NORMS = {"actnorm": ActNorm, "batch": BatchNorm, "none": None}
-
-
-def _affine_steps(masks: list[Tensor], make_net, scale: str, norm: str,
-                  channels: int) -> list[nn.Module]:
-    make_norm, layers = REALNVP_NORMS[norm], []
-    for mask in masks:
-        layers.append(AffineCoupling(mask, make_net(), scale))
-        if make_norm is not None:
-            layers.append(make_norm(channels))
-    return layers
-
-
-def realnvp(shape: tuple[int, ...], n_scales: int | None = None, n_couplings: int | None = None,
-            hidden: int = 64, n_hidden: int | None = None, norm: str = "actnorm",
-            prior: str = "gaussian") -> Flow:
-    """RealNVP (Dinh et al. 2017). Images: per scale 3 checkerboard couplings, squeeze, 3
-    channel-wise couplings, then half the channels factored out (Sec. 3.6); the last scale
-    has 4 checkerboard couplings. Points: ``n_couplings`` affine couplings with alternating
-    masks and MLP nets. ``norm``, a layer after every coupling: ``batch``, the paper's batch
-    normalisation (Sec. 3.7; batch statistics in training, running averages in evaluation
-    and sampling); ``actnorm``, Glow's data-initialised, batch-independent form; or none.
-    ``n_scales`` (default 2) is for images, ``n_couplings`` (4) and ``n_hidden`` (2) for
-    points: given for the other kind of data, they are refused, not ignored."""
-    if norm not in REALNVP_NORMS:
-        raise ValueError(f"model.norm must be one of {', '.join(REALNVP_NORMS)}, got {norm!r}")
-    if len(shape) == 1:
-        _refuse_keys({"n_scales": n_scales}, "points", "a stack of couplings: set "
-                     "model.n_couplings and model.n_hidden")
-        dim = shape[0]
-        masks = [alternating_mask(dim, i % 2) for i in range(4 if n_couplings is None
-                                                              else n_couplings)]
-        depth = 2 if n_hidden is None else n_hidden
-        steps = _affine_steps(masks, lambda: mlp(dim, hidden, depth, 2 * dim, True), "tanh",
-                              norm, dim)
-        return Flow(shape, Sequence(steps), prior)
-    _refuse_keys({"n_couplings": n_couplings, "n_hidden": n_hidden}, "images",
-                 "the paper's couplings per scale (3 checkerboard, 3 channel-wise; 4 on the "
-                 "last) with convolutional networks of model.hidden channels: set "
-                 "model.n_scales and model.hidden")
-    n_scales = 2 if n_scales is None else n_scales
-    _check_squeezable(shape, n_scales - 1, "model=realnvp")
-    return Flow(shape, _realnvp_scale(tuple(shape), n_scales, hidden, norm), prior)
-
-
-def _refuse_keys(keys: dict, data: str, instead: str) -> None:
-    given = [f"model.{k}={v}" for k, v in keys.items() if v is not None]
-    if given:
-        raise ValueError(f"{' and '.join(given)} do not apply to {data}: RealNVP on {data} is "
-                         f"{instead}")
-
-
-def _realnvp_scale(shape: tuple[int, int, int], n_scales: int, hidden: int,
-                   norm: str) -> nn.Module:
-    c, h, w = shape
-    net = lambda channels: lambda: conv_net(channels, hidden, 2 * channels)
-    if n_scales == 1:
-        masks = [checkerboard_mask(shape, i % 2) for i in range(4)]
-        return Flatten(Sequence(_affine_steps(masks, net(c), "tanh", norm, c)), shape)
-    squeezed = (4 * c, h // 2, w // 2)
-    steps = _affine_steps([checkerboard_mask(shape, i % 2) for i in range(3)], net(c), "tanh",
-                          norm, c)
-    steps.append(Squeeze())
-    steps += _affine_steps([channel_mask(squeezed, i % 2) for i in range(3)], net(4 * c),
-                           "tanh", norm, 4 * c)
-    kept = (4 * c - 2 * c, h // 2, w // 2)
-    return MultiScale(Sequence(steps), squeezed,
-                      _realnvp_scale(kept, n_scales - 1, hidden, norm))
