@@ -281,6 +281,12 @@ def flows_table(results: list[dict], base: dict) -> str:
     return "\n".join(lines)
 
 
+def flows_only(results: list[dict]) -> bool:
+    """Only --flows runs (with their curves): the report leaves the objectives' table and
+    its picture as they are."""
+    return all("curve" in r for r in results)
+
+
 def _replace_between(text: str, start: str, end: str, block: str) -> str:
     head, rest = text.split(start, 1)
     return head + block + rest.split(end, 1)[1]
@@ -292,7 +298,7 @@ def write_report(path: Path, results: list[dict]) -> None:
     base = baselines()
     block = f"{TABLE_START}\n{table(results, base)}\n{TABLE_END}"
     text = path.read_text() if path.is_file() else f"# Training objectives compared\n\n{block}\n"
-    if TABLE_START in text and TABLE_END in text:
+    if TABLE_START in text and TABLE_END in text and not flows_only(results):
         text = _replace_between(text, TABLE_START, TABLE_END, block)
     if any("curve" in r for r in results):
         flows = f"{FLOWS_START}\n{flows_table(results, base)}\n{FLOWS_END}"
@@ -340,7 +346,8 @@ def main() -> None:
         results = load_results(args.report)
         out = Path(args.out)
         write_report(out / "OBJECTIVES.md", results)
-        picture(results, out / "objectives_samples.png")
+        if not flows_only(results):
+            picture(results, out / "objectives_samples.png")
         return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)

@@ -54,6 +54,44 @@ def spawn_ranks(worker, args: tuple, timeout: float, nprocs: int = 2) -> None:
 
 
 @pytest.fixture
+def float64():
+    """float64 as the default dtype for the test, and a fixed seed."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def perturbed(module, scale=0.3):
+    """``module`` in float64 with every parameter moved off its (often zero) initial value,
+    so couplings and scalings are not the identity."""
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+def documented_setup(header: list[str]) -> list[tuple[str, object]]:
+    """``(key, value)`` of the docs/REPRODUCING.md table whose header row is ``header``
+    (its rows that name an ncsn key)."""
+    import yaml
+
+    rows, inside = [], False
+    for line in (REPO / "docs" / "REPRODUCING.md").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("|"):
+            inside = False
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells == header:
+            inside = True
+        elif inside and not set(cells[0]) <= {"-"} and cells[0] != "—":
+            rows.append((cells[0].strip("`"), yaml.safe_load(cells[1].strip("`"))))
+    return rows
+
+
+@pytest.fixture
 def tiny():
     return list(TINY)
 

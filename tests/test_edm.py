@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 from scipy import stats
 from torch import nn
@@ -22,7 +21,8 @@ from ncsn.nets.precond import EDMPrecond, Preconditioned, VEPrecond
 from ncsn.noise import geometric_sigmas, sigma_index
 from ncsn.registry import ConfigError
 from ncsn.training.ema import ema_beta
-from conftest import REPO, TINY, compose_train
+from conftest import TINY, compose_train
+from conftest import documented_setup as conftest_documented_setup
 
 SIGMA_DATA = 0.5
 SIGMAS = [0.002, 0.02, 0.3, 0.5, 1.0, 7.0, 80.0]
@@ -296,18 +296,7 @@ def test_a_tiny_edm_run_trains_saves_and_samples(tmp_path):
 
 
 def documented_setup() -> list[tuple[str, object]]:
-    """``(key, value)`` of the EDM table in docs/REPRODUCING.md (rows with an ncsn key)."""
-    rows, inside = [], False
-    for line in (REPO / "docs" / "REPRODUCING.md").read_text(encoding="utf-8").splitlines():
-        if not line.startswith("|"):
-            inside = False
-            continue
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if cells == ["key", "value", "NVlabs/edm", "EDM's value"]:
-            inside = True
-        elif inside and not set(cells[0]) <= {"-"} and cells[0] != "—":
-            rows.append((cells[0].strip("`"), yaml.safe_load(cells[1].strip("`"))))
-    return rows
+    return conftest_documented_setup(["key", "value", "NVlabs/edm", "EDM's value"])
 
 
 def test_the_edm_experiment_composes_to_its_documented_setup():

@@ -20,25 +20,10 @@ from ncsn.flows.glow import (Coupling, SplitPrior, TopPrior, coupling_net, edge_
 from ncsn.flows.models import conv_net, mlp, prior_from_normal
 from ncsn.flows.objective import exact_samples, nll_objective
 from ncsn.flows.realnvp import ChannelCoupling, CheckerboardCoupling, CheckerboardSplitOrder
+from conftest import perturbed
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def perturbed(module, scale=0.3):
-    """``module`` in float64 with every parameter moved off its (often zero) initial value,
-    so couplings and scalings are not the identity."""
-    module = module.double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def jacobian_log_det(f, x):

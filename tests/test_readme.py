@@ -295,3 +295,12 @@ def test_no_dead_relative_links(doc):
         elif anchor and where.suffix == ".md" and anchor not in anchors(where):
             dead.append(f"{doc.name}:{number}: {target} (no such heading)")
     assert not dead, "\n".join(dead)
+
+
+def test_configs_group_table_is_what_config_reference_prints():
+    # docs/CONFIG.md's table is generated from the YAML files' first comments: regenerate it
+    # with `python scripts/config_reference.py` when an option's comment changes.
+    import subprocess
+    table = subprocess.run([sys.executable, str(REPO / "scripts" / "config_reference.py")],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert table in (REPO / "docs" / "CONFIG.md").read_text(encoding="utf-8")

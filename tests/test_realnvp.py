@@ -10,7 +10,6 @@ from dataclasses import fields
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from omegaconf import OmegaConf
 
 from ncsn import registry
@@ -21,23 +20,11 @@ from ncsn.flows.layers import Sequence, Squeeze
 from ncsn.flows.realnvp import (EPS, ChannelCoupling, CheckerboardCoupling,
                                 CheckerboardSplitOrder)
 from ncsn.likelihood import model_space_log_det
-from conftest import REPO, compose_train
+from conftest import REPO, compose_train, perturbed
+from conftest import documented_setup as conftest_documented_setup
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def perturbed(module, scale=0.3):
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return module
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # ----------------------------------------------------------------------------- couplings
@@ -160,18 +147,7 @@ def test_bad_keys_are_refused_in_one_line(keys, message):
 
 # ----------------------------------------------------------------------------- CIFAR-10
 def documented_setup() -> list[tuple[str, object]]:
-    """``(key, value)`` of the RealNVP table in docs/REPRODUCING.md (rows with an ncsn key)."""
-    rows, inside = [], False
-    for line in (REPO / "docs" / "REPRODUCING.md").read_text(encoding="utf-8").splitlines():
-        if not line.startswith("|"):
-            inside = False
-            continue
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if cells == ["key", "value", "tensorflow/models research/real_nvp", "its value"]:
-            inside = True
-        elif inside and not set(cells[0]) <= {"-"} and cells[0] != "—":
-            rows.append((cells[0].strip("`"), yaml.safe_load(cells[1].strip("`"))))
-    return rows
+    return conftest_documented_setup(["key", "value", "tensorflow/models research/real_nvp", "its value"])
 
 
 def test_realnvp_cifar10_composes_to_its_documented_setup_and_size():
