@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import transforms
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from ncsn import viz
@@ -117,6 +115,8 @@ def load_images(paths: Sequence[str | Path], channels: int, image_size: int) -> 
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise ValueError(f"images with {channels} channels cannot be read from files")
+    from torchvision import transforms          # here: torchvision is slow to import
+
     prepare = transforms.Compose([transforms.Resize(image_size),
                                   transforms.CenterCrop(image_size), transforms.ToTensor()])
     return torch.stack([prepare(Image.open(p).convert(mode)) for p in image_files(paths)])
@@ -140,6 +140,8 @@ def save_picture(images: Tensor, path: str | Path, nrow: int | None = None) -> N
 
 def _frame(images: Tensor, nrow: int) -> np.ndarray:
     """uint8 images ``(B, C, H, W)`` -> one enlarged grid ``(H', W', C)`` uint8."""
+    from torchvision.utils import make_grid
+
     grid = make_grid(enlarge(images), nrow=nrow, padding=viz.GRID_PADDING,
                      pad_value=round(255 * viz.GRID_PAD_VALUE))          # (3, H', W')
     grid = grid[:1] if images.shape[1] == 1 else grid

@@ -31,7 +31,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from ncsn.data.images import ModelSpace
@@ -132,6 +131,8 @@ def log_likelihood(net: ScoreNet, x: Tensor, sigma_min: float, sigma_max: float,
                                d_delta.double().cpu().numpy()])
 
     start = np.concatenate([x.detach().double().cpu().flatten().numpy(), np.zeros(shape[0])])
+    from scipy.integrate import solve_ivp     # here: scipy is slow to import
+
     solution = solve_ivp(rhs, (math.log(sigma_min), math.log(sigma_max)), start,
                          method="RK45", rtol=rtol, atol=atol)
     if not solution.success:

@@ -32,7 +32,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -470,6 +469,8 @@ def probability_flow(net: ScoreNet, x: Tensor, sigma_max: float, sigma_min: floa
 
     span = (1.0, eps)
     t_eval = np.linspace(*span, 50) if return_trajectory else None
+    from scipy.integrate import solve_ivp     # here: scipy is slow to import
+
     solution = solve_ivp(velocity, span, x.cpu().numpy().reshape(-1), method=method,
                          rtol=rtol, atol=atol, t_eval=t_eval)
     if not solution.success:

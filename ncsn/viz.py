@@ -13,7 +13,6 @@ from matplotlib.collections import LineCollection  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import Tensor  # noqa: E402
-from torchvision.utils import make_grid, save_image  # noqa: E402
 
 
 def _bounds(points: Tensor, margin: float = 0.15) -> tuple[float, float, float, float]:
@@ -135,6 +134,8 @@ GRID_PADDING, GRID_PAD_VALUE = 2, 1.0
 def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
     """A (3, H, W) grid of images in [0, 1] (clamped), images: (B, C, h, w), with a
     :data:`GRID_PADDING` pixel white border around each."""
+    from torchvision.utils import make_grid      # here: torchvision is slow to import
+
     nrow = nrow or max(1, int(len(images) ** 0.5))
     return make_grid(images.clamp(0, 1), nrow=nrow, padding=GRID_PADDING,
                      pad_value=GRID_PAD_VALUE)
@@ -142,6 +143,8 @@ def image_grid(images: Tensor, nrow: int | None = None) -> Tensor:
 
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> None:
     """Save :func:`image_grid` of images in [0, 1] (values clamped) as PNG."""
+    from torchvision.utils import save_image
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or max(1, int(len(images) ** 0.5))
     save_image(images.clamp(0, 1), path, nrow=nrow, padding=GRID_PADDING,

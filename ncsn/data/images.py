@@ -13,6 +13,7 @@ for, where, and how to provide it.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import weakref
@@ -24,13 +25,28 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
-from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 log = logging.getLogger(__name__)
 
 from ncsn.data.device import RawImages
 from ncsn.data.space import ModelSpace, inverse_logit_transform, logit_transform
+
+
+class _LazyModule:
+    """A module imported at its first use. torchvision takes about 2 s to import (it imports
+    torch._dynamo), which every command would otherwise pay before its first line, points
+    and mistakes included."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+datasets = _LazyModule("torchvision.datasets")
+transforms = _LazyModule("torchvision.transforms")
+_folder = _LazyModule("torchvision.datasets.folder")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -310,8 +326,10 @@ def _cifar10(cfg: ImageDataConfig, root: Path):
                                "extracted from cifar-10-python.tar.gz"), 3
 
 
-def _mnist_like(dataset_class, title: str, origin: str):
+def _mnist_like(class_name: str, title: str, origin: str):
     def build(cfg: ImageDataConfig, root: Path):
+        dataset_class = getattr(datasets, class_name)       # torchvision.datasets.MNIST, ...
+
         def make(train: bool) -> Dataset:
             transform = _pil_transform(cfg, train, _resize(cfg.image_size, native=28))
             return dataset_class(str(root), train=train, transform=transform,
@@ -416,12 +434,26 @@ def _split_indices(n: int, test_fraction: float, seed: int,
             permutation[n_test:n_test + n_validation])
 
 
-class FlatImageFolder(datasets.ImageFolder):
+def _flat_image_folder_class() -> type:
     """torchvision's ImageFolder over the images in ``root`` (and, as ImageFolder walks a
-    class folder, in its subfolders) without class subfolders: one class, label 0."""
+    class folder, in its subfolders) without class subfolders: one class, label 0. Made at
+    first use (torchvision's import is slow) and kept as the module's ``FlatImageFolder``,
+    so that a DataLoader worker can unpickle it by name."""
+    if "FlatImageFolder" not in globals():
+        class FlatImageFolder(datasets.ImageFolder):
+            __doc__ = _flat_image_folder_class.__doc__
 
-    def find_classes(self, directory):
-        return [""], {"": 0}                            # the class folder root/"" is root
+            def find_classes(self, directory):
+                return [""], {"": 0}                    # the class folder root/"" is root
+        FlatImageFolder.__module__, FlatImageFolder.__qualname__ = __name__, "FlatImageFolder"
+        globals()["FlatImageFolder"] = FlatImageFolder
+    return globals()["FlatImageFolder"]
+
+
+def __getattr__(name: str):
+    if name == "FlatImageFolder":
+        return _flat_image_folder_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def image_folder_paths(cfg: ImageFolderConfig, root: Optional[Path] = None
@@ -447,11 +479,12 @@ def _scan(where: Path) -> tuple[list[str], int]:
         raise _not_found("image folder", "images or class subfolders of images", where,
                          how) from error
     folders = sorted(e.name for e in entries if e.is_dir())
-    n_images = sum(e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS)
+    extensions = _folder.IMG_EXTENSIONS
+    n_images = sum(e.is_file() and _folder.has_file_allowed_extension(e.name, extensions)
                    for e in entries)
     if not folders and not n_images:
         raise _not_found("image folder", "images or class subfolders of images", where, how,
-                         f" (no file ending in {', '.join(IMG_EXTENSIONS)})")
+                         f" (no file ending in {', '.join(_folder.IMG_EXTENSIONS)})")
     if folders and n_images:
         raise DatasetNotFoundError(
             f"image folder {where} holds both images ({n_images}) and subfolders "
@@ -472,7 +505,7 @@ def image_folder(where: Path) -> datasets.ImageFolder:
     line naming the folder."""
     folders, _ = _scan(where)
     if not folders:
-        images = FlatImageFolder(str(where))
+        images = _flat_image_folder_class()(str(where))
         log.info("image folder %s: flat folder, %d images", where, len(images))
         return images
     images = datasets.ImageFolder(str(where), allow_empty=True)
@@ -481,7 +514,7 @@ def image_folder(where: Path) -> datasets.ImageFolder:
     if empty:
         raise DatasetNotFoundError(
             f"image folder class {empty[0]!r} has no images: {where / empty[0]} holds no file "
-            f"ending in {', '.join(IMG_EXTENSIONS)}"
+            f"ending in {', '.join(_folder.IMG_EXTENSIONS)}"
             + (f" (nor do {len(empty) - 1} other class folders: {_some(empty[1:])})"
                if len(empty) > 1 else "")
             + "; add images to it or remove it")
@@ -580,8 +613,8 @@ def raw_images(cfg: ImageDataConfig, train: Dataset):
 # name -> builder(cfg, root) returning ((train, test or None), channels)
 _BUILDERS = {
     "cifar10": _cifar10,
-    "mnist": _mnist_like(datasets.MNIST, "MNIST", "gunzipped from yann.lecun.com/exdb/mnist"),
-    "fashion_mnist": _mnist_like(datasets.FashionMNIST, "Fashion-MNIST",
+    "mnist": _mnist_like("MNIST", "MNIST", "gunzipped from yann.lecun.com/exdb/mnist"),
+    "fashion_mnist": _mnist_like("FashionMNIST", "Fashion-MNIST",
                                  "gunzipped from github.com/zalandoresearch/fashion-mnist"),
     "svhn": _svhn,
     "celeba": _celeba,
@@ -613,6 +646,6 @@ def build_image_data(cfg) -> "Data":
 __all__ = ["DatasetNotFoundError", "IMAGE_DATASETS", "ImageDataConfig", "CIFAR10Config",
            "MNISTConfig", "FashionMNISTConfig", "SVHNConfig", "CelebAConfig", "LSUNConfig",
            "ImageFolderConfig", "DigitsConfig", "image_config", "build_image_data",
-           "image_folder", "image_folder_paths", "FlatImageFolder",
+           "image_folder", "image_folder_paths",
            "ModelSpace", "likelihood_levels", "off_grid", "logit_transform", "inverse_logit_transform", "UniformDequantize",
            "GaussianDequantize", "TensorImageDataset", "LSUN_CATEGORIES"]

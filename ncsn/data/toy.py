@@ -11,17 +11,20 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from sklearn.datasets import make_moons, make_swiss_roll
 
 
 def swiss_roll(n: int, seed: int = 0, noise: float = 1.0) -> Tensor:
     """scikit-learn's Swiss roll, columns 0 and 2, divided by 10."""
+    from sklearn.datasets import make_swiss_roll     # here: scikit-learn takes a second to import
+
     x, _ = make_swiss_roll(n, noise=noise, random_state=seed)
     return torch.from_numpy(x[:, [0, 2]] / 10.0).float()
 
 
 def moons(n: int, seed: int = 0, noise: float = 0.05) -> Tensor:
     """scikit-learn's two interleaving half circles."""
+    from sklearn.datasets import make_moons
+
     x, _ = make_moons(n, noise=noise, random_state=seed)
     return torch.from_numpy(x).float()
 
