@@ -91,6 +91,19 @@ def documented_setup(header: list[str]) -> list[tuple[str, object]]:
     return rows
 
 
+def check_documented_setup(cfg, header: list[str], min_rows: int) -> None:
+    """Every row of the docs/REPRODUCING.md table headed ``header`` that names an ncsn key
+    holds the value ``cfg`` composes to (and there are more than ``min_rows``)."""
+    from omegaconf import OmegaConf
+
+    rows = documented_setup(header)
+    assert len(rows) > min_rows
+    for key, documented in rows:
+        got = OmegaConf.select(cfg, key)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == documented, f"{key} is {got!r}, docs/REPRODUCING.md says {documented!r}"
+
+
 @pytest.fixture
 def tiny():
     return list(TINY)

@@ -132,34 +132,38 @@ class Recorder(nn.Module):
         return torch.zeros_like(x)
 
 
-def test_the_loss_draws_sigma_then_the_augmentation_then_the_noise():
-    loss_cfg = compose_train(["loss=edm", "loss.augment_p=0.12"]).loss
+def augmenting_edm_loss(p: float):
+    """loss=edm with loss.augment_p=p for NCSN++ with the 9 labels, over EDM's sigma range."""
+    loss_cfg = compose_train(["loss=edm", f"loss.augment_p={p}"]).loss
     model_cfg = compose_train(["dataset=cifar10", "model=ncsnpp", "model.augment_dim=9"]).model
-    objective = registry.build_objective(loss_cfg, model_cfg, geometric_sigmas(80.0, 0.002, 18))
+    return registry.build_objective(loss_cfg, model_cfg, geometric_sigmas(80.0, 0.002, 18))
+
+
+def zero_score_loss(y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """D = y + n for a zero score: the loss is lambda(sigma) ||n||^2, n drawn next."""
+    n = torch.randn_like(y) * sigma[:, None, None, None]
+    return losses.edm_weight(sigma) * n.flatten(1).pow(2).sum(1)
+
+
+def test_the_loss_draws_sigma_then_the_augmentation_then_the_noise():
     x, net = images(16), Recorder()
     torch.manual_seed(5)
-    per_sample, _ = objective(net, x)
+    per_sample, _ = augmenting_edm_loss(0.12)(net, x)
     torch.manual_seed(5)
     sigma = losses.edm_sigmas(16, like=x)
     y, labels = AugmentPipe(p=0.12)(x)
-    n = torch.randn_like(y) * sigma[:, None, None, None]
+    torch.testing.assert_close(per_sample, zero_score_loss(y, sigma))   # about the augmented y
     torch.testing.assert_close(net.labels, labels)
-    # D = y + n (a zero score): the loss is lambda(sigma) ||n||^2, about the augmented y
-    torch.testing.assert_close(per_sample, losses.edm_weight(sigma) * n.flatten(1).pow(2).sum(1))
 
 
 def test_the_held_out_loss_sees_the_images_unaugmented_and_no_labels():
-    loss_cfg = compose_train(["loss=edm", "loss.augment_p=1"]).loss
-    model_cfg = compose_train(["dataset=cifar10", "model=ncsnpp", "model.augment_dim=9"]).model
-    objective = registry.build_objective(loss_cfg, model_cfg, geometric_sigmas(80.0, 0.002, 18))
     x, net = images(16), Recorder()
     torch.manual_seed(5)
-    per_sample, _ = objective.held_out(net, x)
+    per_sample, _ = augmenting_edm_loss(1.0).held_out(net, x)
     torch.manual_seed(5)
     sigma = losses.edm_sigmas(16, like=x)
-    n = torch.randn_like(x) * sigma[:, None, None, None]          # no augmentation drawn
+    torch.testing.assert_close(per_sample, zero_score_loss(x, sigma))   # no augmentation drawn
     assert net.labels is None
-    torch.testing.assert_close(per_sample, losses.edm_weight(sigma) * n.flatten(1).pow(2).sum(1))
 
 
 # ----------------------------------------------------------------------------- refusals

@@ -21,7 +21,7 @@ from ncsn.flows.realnvp import (EPS, ChannelCoupling, CheckerboardCoupling,
                                 CheckerboardSplitOrder)
 from ncsn.likelihood import model_space_log_det
 from conftest import REPO, compose_train, perturbed
-from conftest import documented_setup as conftest_documented_setup
+from conftest import check_documented_setup
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -146,18 +146,12 @@ def test_bad_keys_are_refused_in_one_line(keys, message):
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
-def documented_setup() -> list[tuple[str, object]]:
-    return conftest_documented_setup(["key", "value", "tensorflow/models research/real_nvp", "its value"])
+REALNVP_TABLE = ["key", "value", "tensorflow/models research/real_nvp", "its value"]
 
 
 def test_realnvp_cifar10_composes_to_its_documented_setup_and_size():
     cfg = compose_train(["experiment=realnvp_cifar10"])
-    rows = documented_setup()
-    assert len(rows) > 20
-    for key, documented in rows:
-        got = OmegaConf.select(cfg, key)
-        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
-        assert got == documented, f"{key} is {got!r}, docs/REPRODUCING.md says {documented!r}"
+    check_documented_setup(cfg, REALNVP_TABLE, 20)
     torch.set_default_dtype(torch.float32)
     flow = registry.build_model(cfg.model, (3, 32, 32), torch.ones(1))
     count = sum(p.numel() for p in flow.parameters())
