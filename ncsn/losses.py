@@ -274,6 +274,12 @@ def ve_weight(sigma: Tensor) -> Tensor:
     return 1 / sigma ** 2
 
 
+def augment_keywords(augment_labels: Tensor | None) -> dict:
+    """The keyword that passes augmentation labels to a network: none without them, so that
+    every network, with or without the option, is still called as ``net(x, sigma)``."""
+    return {} if augment_labels is None else {"augment_labels": augment_labels}
+
+
 def tweedie_denoiser(net: Callable[..., Tensor], augment_labels: Tensor | None = None
                      ) -> Callable[[Tensor, Tensor], Tensor]:
     """The denoiser of a score network, D(x; sigma) = x + sigma^2 s(x, sigma) (EDM, eq. 3).
@@ -282,7 +288,7 @@ def tweedie_denoiser(net: Callable[..., Tensor], augment_labels: Tensor | None =
     itself, so that DistributedDataParallel's forward (and its gradient averaging) runs.
     ``augment_labels`` ``(B, augment_dim)``: EDM's augmentation labels of the batch
     (:mod:`ncsn.augment`), passed as ``net(x, sigma, augment_labels=...)``."""
-    keywords = {} if augment_labels is None else {"augment_labels": augment_labels}
+    keywords = augment_keywords(augment_labels)
     return lambda x, sigma: x + _broadcast(sigma, x) ** 2 * net(x, sigma, **keywords)
 
 

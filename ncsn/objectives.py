@@ -275,9 +275,9 @@ class NegativeLogLikelihood(ObjectiveSpec):
             return (f"loss={self.name} with dataset.gaussian_dequantization=true: clamping "
                     f"x + sigma z to [0, 1] leaves pixels exactly on 0 and 1 (29% of the "
                     f"digits'), where the density is unbounded, so -log p bounds nothing; {fix}")
-        if off_grid(image_cfg):
-            return (f"loss={self.name}: {off_grid(image_cfg)}; train at the native "
-                    f"dataset.image_size=8")
+        resized = off_grid(image_cfg)
+        if resized:
+            return f"loss={self.name}: {resized}; train at the native dataset.image_size=8"
         if not image_cfg.uniform_dequantization:
             return (f"loss={self.name} on discrete pixels needs uniformly dequantized data (a "
                     f"density on the pixel values themselves is unbounded); {fix}")

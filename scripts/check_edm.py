@@ -265,22 +265,22 @@ def experiment_network(small: bool = True) -> tuple[NCSNpp, dict]:
     return net, song
 
 
-def _block_tensors(ours_block, attn, theirs: str) -> dict[str, str]:
+# Our BigGAN block's layers -> SongUNet UNetBlock's; our attention's -> the same block's.
+_BLOCK_LAYERS = {"norm1": "norm0", "conv1": "conv0", "emb_proj": "affine", "norm2": "norm1",
+                 "conv2": "conv1", "skip": "skip"}
+_ATTENTION_LAYERS = {"norm": "norm2", "proj": "proj", "qkv": "qkv"}    # qkv: split on loading
+
+
+def _block_tensors(ours_block, attn, theirs: str) -> dict[str, tuple]:
     """SongUNet UNetBlock ``theirs`` -> our BigGAN residual block (+ attention) keys."""
-    names = {"norm0": "norm1", "conv0": "conv1", "affine": "emb_proj", "norm1": "norm2",
-             "conv1": "conv2", "skip": "skip"}
     keys = {}
-    for name, tensor in ours_block.state_dict().items():
+    for name in ours_block.state_dict():
         layer, _, kind = name.partition(".")
-        theirs_layer = {v: k for k, v in names.items()}[layer]
-        keys[f"{theirs}.{theirs_layer}.{kind}"] = (ours_block, name)
+        keys[f"{theirs}.{_BLOCK_LAYERS[layer]}.{kind}"] = (ours_block, name)
     if attn is not None:
-        keys[f"{theirs}.norm2.weight"] = (attn, "norm.weight")
-        keys[f"{theirs}.norm2.bias"] = (attn, "norm.bias")
-        keys[f"{theirs}.proj.weight"] = (attn, "proj.weight")
-        keys[f"{theirs}.proj.bias"] = (attn, "proj.bias")
-        keys[f"{theirs}.qkv.weight"] = (attn, "qkv.weight")    # split below
-        keys[f"{theirs}.qkv.bias"] = (attn, "qkv.bias")
+        for layer, their_layer in _ATTENTION_LAYERS.items():
+            for kind in ("weight", "bias"):
+                keys[f"{theirs}.{their_layer}.{kind}"] = (attn, f"{layer}.{kind}")
     return keys
 
 
@@ -327,14 +327,14 @@ def load_song_unet_weights(net: NCSNpp, song_net: nn.Module, song) -> int:
         raise SystemExit(f"check_edm: SongUNet keys with no place here: {left[:5]}")
     with torch.no_grad():
         for their_key, (module, name) in keys.items():
-            value = theirs[their_key]
+            value, state = theirs[their_key], module.state_dict()
             if name.startswith("qkv."):            # (3C, ...) interleaved c*3 + {q, k, v}
-                for part, rows in zip("qkv", (value[0::3], value[1::3], value[2::3])):
-                    getattr(module, part).state_dict()[name.split(".")[1]].copy_(
-                        rows.reshape(getattr(module, part).state_dict()[
-                            name.split(".")[1]].shape))
+                kind = name.partition(".")[2]
+                for j, part in enumerate("qkv"):
+                    target = state[f"{part}.{kind}"]
+                    target.copy_(value[j::3].reshape(target.shape))
                 continue
-            module.state_dict()[name].copy_(value.reshape(module.state_dict()[name].shape))
+            state[name].copy_(value.reshape(state[name].shape))
     return len(keys)
 
 

@@ -45,9 +45,10 @@ def held_out_split(dataset_cfg) -> HeldOut:
                             gaussian_dequantization=False, load_test=True, num_workers=0)
         if getattr(image_cfg, "validation_fraction", 0.0) > 0:
             image_cfg = replace(image_cfg, validation_fraction=0.0)
-        if off_grid(image_cfg):
-            raise registry.ConfigError(f"metric=nll: the checkpoint's {off_grid(image_cfg)}; "
-                                       f"bits/dim needs a run at the native size")
+        resized = off_grid(image_cfg)
+        if resized:
+            raise registry.ConfigError(f"metric=nll: the checkpoint's {resized}; bits/dim "
+                                       f"needs a run at the native size")
         data = registry.build_data(image_cfg)
         return HeldOut(data.test, model_space(image_cfg), pixel_levels(image_cfg.name))
     return HeldOut(registry.build_data(OmegaConf.create(cfg)).test, ModelSpace(), None)

@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from ncsn.losses import augment_keywords
 from ncsn.parts import Network
 
 PRECONDITIONINGS = ("none", "edm", "ve")
@@ -36,12 +37,6 @@ PRECOND_KEYS = ("precond", "sigma_data")       # model keys for the wrapper, not
 
 def _broadcast(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))    # (B, 1, ..., 1)
-
-
-def augment_keywords(augment_labels: Tensor | None) -> dict:
-    """The keyword that passes augmentation labels to a network: none without them, so that
-    every network, with or without the option, is still called as ``net(x, sigma)``."""
-    return {} if augment_labels is None else {"augment_labels": augment_labels}
 
 
 class Preconditioned(nn.Module):
